@@ -1,0 +1,25 @@
+"""prefixshare: prefix sharing for paired preference tuning of Hugging Face language models.
+
+One prompt and its K responses become one sequence, ``[prompt | chosen | rejected]``, with an attention
+rule that keeps the responses apart and positions that restart each response at the prompt's length, so
+the prompt is computed once. See README.md.
+"""
+
+from .collators import LAYOUT_KEY, PairedCollator, PrefixShareBatch, PrefixShareCollator
+from .layout import PrefixShareLayout
+from .logps import ResponseLogps, gather_response_logps, split_logps
+from .packing import first_fit_decreasing
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LAYOUT_KEY",
+    "PairedCollator",
+    "PrefixShareBatch",
+    "PrefixShareCollator",
+    "PrefixShareLayout",
+    "ResponseLogps",
+    "first_fit_decreasing",
+    "gather_response_logps",
+    "split_logps",
+]

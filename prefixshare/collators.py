@@ -1,0 +1,295 @@
+"""Collators: preference examples -> prefix-shared batches, or the classic paired batches (the baseline).
+
+Both take a list of examples, each a mapping with ``prompt_input_ids`` and either ``chosen_input_ids`` and
+``rejected_input_ids`` (K = 2) or ``responses_input_ids`` (a list of K responses); ids are lists of ints or
+1-D integer tensors. Both return a :class:`PrefixShareBatch` that goes straight into a model patched by
+:func:`prefixshare.patch`::
+
+    batch = PrefixShareCollator(pad_token_id=0)(examples)
+    out = model(**batch)
+    chosen_logps, rejected_logps = split_logps(out.logits, batch)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from .layout import Placement, PrefixShareLayout, UnitSpec
+from .packing import first_fit_decreasing
+
+LAYOUT_KEY = "prefixshare_layout"
+
+TRUNCATION_MODES = ("keep_end_of_prompt", "truncate_responses")
+
+
+class PrefixShareBatch(dict):
+    """The collated batch: a dict of model keyword arguments.
+
+    Keys: ``input_ids`` and ``position_ids`` (``[B, L]``, long), ``prefixshare_layout``
+    (a :class:`~prefixshare.layout.PrefixShareLayout`) and ``use_cache=False``.
+    """
+
+    @property
+    def layout(self) -> PrefixShareLayout:
+        return self[LAYOUT_KEY]
+
+    def to(self, device, non_blocking: bool = False) -> "PrefixShareBatch":
+        return PrefixShareBatch(
+            {k: v.to(device, non_blocking=non_blocking) if hasattr(v, "to") else v for k, v in self.items()}
+        )
+
+
+@dataclass
+class PreferenceExample:
+    """A validated example: token ids of one prompt and its K responses."""
+
+    prompt: list[int]
+    responses: list[list[int]]
+
+
+# ---------------------------------------------------------------------------------------------- input checks
+def _token_ids(value: Any, index: int, name: str) -> list[int]:
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 1:
+            raise ValueError(f"example {index}: {name} must be a 1-D tensor, got shape {tuple(value.shape)}")
+        if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
+            raise ValueError(f"example {index}: {name} must hold integer token ids, got dtype {value.dtype}")
+        ids = value.tolist()
+    elif isinstance(value, (list, tuple)):
+        ids = list(value)
+        for j, t in enumerate(ids):
+            if isinstance(t, bool) or not isinstance(t, int):
+                if hasattr(t, "__index__") and not isinstance(t, bool) and not isinstance(t, torch.Tensor):
+                    ids[j] = t.__index__()  # numpy integers
+                    continue
+                raise ValueError(
+                    f"example {index}: {name}[{j}] is {t!r} ({type(t).__name__}); token ids must be integers"
+                )
+    else:
+        raise ValueError(
+            f"example {index}: {name} must be a list of token ids or a 1-D integer tensor, got {type(value).__name__}"
+        )
+    for j, t in enumerate(ids):
+        if t < 0:
+            raise ValueError(f"example {index}: {name}[{j}] is {t}; token ids must be >= 0")
+    return ids
+
+
+def normalize_example(example: Any, index: int) -> PreferenceExample:
+    """Check one input example and return its ids; raise ValueError naming ``index`` and the problem."""
+    if not isinstance(example, Mapping):
+        raise ValueError(f"example {index}: expected a mapping of token ids, got {type(example).__name__}")
+    if "prompt_input_ids" not in example:
+        raise ValueError(f"example {index}: missing 'prompt_input_ids'")
+    prompt = _token_ids(example["prompt_input_ids"], index, "prompt_input_ids")
+    if "responses_input_ids" in example:
+        raw = example["responses_input_ids"]
+        if isinstance(raw, torch.Tensor) or not isinstance(raw, (list, tuple)) or not raw:
+            raise ValueError(f"example {index}: responses_input_ids must be a non-empty list of responses")
+        responses = [_token_ids(r, index, f"responses_input_ids[{k}]") for k, r in enumerate(raw)]
+    else:
+        missing = [k for k in ("chosen_input_ids", "rejected_input_ids") if k not in example]
+        if missing:
+            raise ValueError(
+                f"example {index}: missing {', '.join(repr(m) for m in missing)} "
+                "(give chosen_input_ids and rejected_input_ids, or responses_input_ids)"
+            )
+        responses = [
+            _token_ids(example["chosen_input_ids"], index, "chosen_input_ids"),
+            _token_ids(example["rejected_input_ids"], index, "rejected_input_ids"),
+        ]
+    if not prompt:
+        raise ValueError(
+            f"example {index}: the prompt is empty; the first token of each response needs a prompt token to predict it"
+        )
+    for k, r in enumerate(responses):
+        if not r:
+            raise ValueError(f"example {index}: response {k} is empty")
+    return PreferenceExample(prompt, responses)
+
+
+def _truncate(ex: PreferenceExample, index: int, max_length: int | None, mode: str | None) -> PreferenceExample:
+    """Apply ``max_length`` to every prompt+response sequence, the limit the paired format sees."""
+    if max_length is None:
+        return ex
+    longest = max(len(r) for r in ex.responses)
+    if len(ex.prompt) + longest <= max_length:
+        return ex
+    what = f"prompt ({len(ex.prompt)}) + longest response ({longest}) exceeds max_length={max_length}"
+    if mode is None:
+        raise ValueError(
+            f"example {index}: {what}; pass truncation='keep_end_of_prompt' or 'truncate_responses' to shorten it"
+        )
+    if mode == "keep_end_of_prompt":
+        keep = max_length - longest
+        if keep < 1:
+            raise ValueError(f"example {index}: {what}, and no prompt token would remain after truncating the prompt")
+        return PreferenceExample(ex.prompt[-keep:], ex.responses)
+    # truncate_responses
+    keep = max_length - len(ex.prompt)
+    if keep < 1:
+        raise ValueError(f"example {index}: {what}, and no response token would remain after truncating responses")
+    return PreferenceExample(ex.prompt, [r[:keep] for r in ex.responses])
+
+
+# ---------------------------------------------------------------------------------------------- collators
+class _PreferenceCollator:
+    """Shared machinery: validation, truncation, packing and padding; subclasses choose the units."""
+
+    def __init__(
+        self,
+        pad_token_id: int | None,
+        max_tokens_per_row: int | None = None,
+        pad_to_multiple_of: int | None = None,
+        max_length: int | None = None,
+        truncation: str | None = None,
+    ):
+        if pad_token_id is None or isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int):
+            raise ValueError(
+                f"pad_token_id must be an integer token id, got {pad_token_id!r} "
+                "(a tokenizer without a pad token can use its eos_token_id)"
+            )
+        if pad_token_id < 0:
+            raise ValueError(f"pad_token_id must be >= 0, got {pad_token_id}")
+        for name, value in (
+            ("max_tokens_per_row", max_tokens_per_row),
+            ("pad_to_multiple_of", pad_to_multiple_of),
+            ("max_length", max_length),
+        ):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+        if truncation is not None and truncation not in TRUNCATION_MODES:
+            raise ValueError(f"truncation must be None or one of {TRUNCATION_MODES}, got {truncation!r}")
+        if truncation is not None and max_length is None:
+            raise ValueError("truncation needs max_length")
+        self.pad_token_id = pad_token_id
+        self.max_tokens_per_row = max_tokens_per_row
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.max_length = max_length
+        self.truncation = truncation
+
+    # subclasses -----------------------------------------------------------------------------
+    def _units(self, examples: Sequence[PreferenceExample]) -> list[UnitSpec]:
+        raise NotImplementedError
+
+    # public ---------------------------------------------------------------------------------
+    def normalize(self, examples: Sequence[Any]) -> list[PreferenceExample]:
+        """Validate and truncate the examples; every error names the example's index."""
+        if len(examples) == 0:
+            raise ValueError("cannot collate an empty list of examples")
+        checked = [_truncate(normalize_example(e, i), i, self.max_length, self.truncation) for i, e in enumerate(examples)]
+        K = len(checked[0].responses)
+        for i, ex in enumerate(checked):
+            if len(ex.responses) != K:
+                raise ValueError(
+                    f"example {i}: has {len(ex.responses)} responses but example 0 has {K}; "
+                    "every example of a batch needs the same number of responses"
+                )
+        return checked
+
+    def unit_lengths(self, examples: Sequence[Any]) -> list[int]:
+        """Token counts of the units this collator would build (used by the token-budget sampler)."""
+        return [u.length for u in self._units(self.normalize(examples))]
+
+    def __call__(self, examples: Sequence[Any]) -> PrefixShareBatch:
+        checked = self.normalize(examples)
+        units = self._units(checked)
+        rows = self._rows(units)
+        placements = []
+        for r, members in enumerate(rows):
+            offset = 0
+            for u in members:
+                placements.append(Placement(r, offset, units[u]))
+                offset += units[u].length
+        used = max(sum(units[u].length for u in members) for members in rows)
+        L = used
+        if self.pad_to_multiple_of:
+            L = -(-L // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        layout = PrefixShareLayout.from_placements(
+            placements,
+            num_rows=len(rows),
+            row_length=L,
+            num_examples=len(checked),
+            num_responses=len(checked[0].responses),
+        )
+        input_ids = torch.full((len(rows), L), self.pad_token_id, dtype=torch.long)
+        for pl in placements:
+            ex = checked[pl.unit.example]
+            ids = list(ex.prompt)
+            for slot in pl.unit.response_slots:
+                ids.extend(ex.responses[slot])
+            input_ids[pl.row, pl.offset : pl.offset + len(ids)] = torch.tensor(ids, dtype=torch.long)
+        return PrefixShareBatch(
+            input_ids=input_ids,
+            position_ids=layout.position_ids,
+            use_cache=False,
+            **{LAYOUT_KEY: layout},
+        )
+
+    def _rows(self, units: list[UnitSpec]) -> list[list[int]]:
+        if self.max_tokens_per_row is None:
+            return [[i] for i in range(len(units))]
+        for u in units:
+            if u.length > self.max_tokens_per_row:
+                raise ValueError(
+                    f"example {u.example}: its unit has {u.length} tokens "
+                    f"(prompt {u.prompt_length} + responses {list(u.response_lengths)}), more than "
+                    f"max_tokens_per_row={self.max_tokens_per_row}; raise the budget or set max_length with truncation"
+                )
+        return first_fit_decreasing([u.length for u in units], self.max_tokens_per_row)
+
+
+class PrefixShareCollator(_PreferenceCollator):
+    """One unit per example: ``[prompt | response 1 | ... | response K]``, the prompt computed once.
+
+    Args:
+        pad_token_id: id written into padding positions (never attended to by real tokens).
+        max_tokens_per_row: if set, units are packed first-fit-decreasing into rows of at most this many
+            tokens (as few rows as the heuristic finds); otherwise one unit per row, right padded.
+        pad_to_multiple_of: round the row length up to a multiple of this (e.g. 128 for FlexAttention).
+        max_length: the longest allowed prompt+response sequence (the length the paired format would see).
+        truncation: what to do with an example beyond ``max_length``: ``None`` raises;
+            ``"keep_end_of_prompt"`` drops the earliest prompt tokens; ``"truncate_responses"`` cuts the
+            ends of the responses.
+
+    Results come back in input order whatever the packing: :func:`prefixshare.split_logps` reads the
+    layout to put example i at index i.
+    """
+
+    def _units(self, examples):
+        return [
+            UnitSpec(
+                example=i,
+                prompt_length=len(ex.prompt),
+                response_slots=tuple(range(len(ex.responses))),
+                response_lengths=tuple(len(r) for r in ex.responses),
+            )
+            for i, ex in enumerate(examples)
+        ]
+
+
+class PairedCollator(_PreferenceCollator):
+    """The classic concatenated-forward baseline: one ``[prompt | response k]`` sequence per response.
+
+    Unpacked, the rows are all ``prompt+chosen`` sequences then all ``prompt+rejected`` (2B rows,
+    chosen first; K*B rows for K responses). With ``max_tokens_per_row`` the sequences are packed
+    first-fit-decreasing, each isolated from the others. Same arguments and output as
+    :class:`PrefixShareCollator`, so both formats go through one code path.
+    """
+
+    def _units(self, examples):
+        K = len(examples[0].responses)
+        return [
+            UnitSpec(
+                example=i,
+                prompt_length=len(ex.prompt),
+                response_slots=(k,),
+                response_lengths=(len(ex.responses[k]),),
+            )
+            for k in range(K)
+            for i, ex in enumerate(examples)
+        ]
