@@ -5,14 +5,22 @@ rule that keeps the responses apart and positions that restart each response at 
 the prompt is computed once. See README.md.
 """
 
+from .architectures import ARCHITECTURES, UnsupportedModelError
 from .collators import LAYOUT_KEY, PairedCollator, PrefixShareBatch, PrefixShareCollator
 from .layout import PrefixShareLayout
 from .logps import ResponseLogps, gather_response_logps, split_logps
 from .packing import first_fit_decreasing
+from .patch import is_patched, patch, patched_backend, unpatch
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ARCHITECTURES",
+    "UnsupportedModelError",
+    "is_patched",
+    "patch",
+    "patched_backend",
+    "unpatch",
     "LAYOUT_KEY",
     "PairedCollator",
     "PrefixShareBatch",

@@ -196,6 +196,37 @@ class PrefixShareLayout:
 
         return self.cached(("to", str(device)), move)
 
+    def padded(self, length: int) -> "PrefixShareLayout":
+        """The same batch right-padded to ``length`` tokens per row (kernels that want aligned lengths)."""
+        B, L = self.shape
+        if length == L:
+            return self
+        if length < L:
+            raise ValueError(f"cannot pad a layout of length {L} to {length}")
+
+        def build():
+            extra = length - L
+            dev = self.device
+            new_pads = -1 - torch.arange(L, length, device=dev).repeat(B, 1)
+
+            def reflat(flat):
+                return flat // L * length + flat % L
+
+            return PrefixShareLayout(
+                unit_ids=torch.cat([self.unit_ids, new_pads], dim=1),
+                segment_ids=torch.cat([self.segment_ids, self.segment_ids.new_full((B, extra), PAD_SEGMENT)], 1),
+                position_ids=torch.cat([self.position_ids, self.position_ids.new_zeros((B, extra))], 1),
+                target_index=reflat(self.target_index),
+                predictor_index=reflat(self.predictor_index),
+                response_index=self.response_index,
+                response_lengths=self.response_lengths,
+                num_examples=self.num_examples,
+                num_responses=self.num_responses,
+                placements=self.placements,
+            )
+
+        return self.cached(("padded", length), build)
+
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.unit_ids.shape)

@@ -1,0 +1,71 @@
+"""Everything that differs between the transformers versions prefixshare supports (4.57 and 5.x).
+
+The rest of the package imports these names instead of checking versions itself.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+import transformers
+from packaging.version import Version
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+TRANSFORMERS_VERSION = Version(transformers.__version__)
+IS_TRANSFORMERS_5 = TRANSFORMERS_VERSION.major >= 5
+
+# from_pretrained / from_config keyword for the parameter dtype (renamed in 5.0)
+DTYPE_KWARG = "dtype" if IS_TRANSFORMERS_5 else "torch_dtype"
+
+__all__ = [
+    "ALL_ATTENTION_FUNCTIONS",
+    "ALL_MASK_ATTENTION_FUNCTIONS",
+    "DTYPE_KWARG",
+    "IS_TRANSFORMERS_5",
+    "TRANSFORMERS_VERSION",
+    "get_attn_implementation",
+    "model_eager_attention",
+    "register_attention",
+    "set_attn_implementation",
+    "text_config",
+]
+
+
+def text_config(config):
+    """The config of the text decoder (the config itself for a text-only model)."""
+    get = getattr(config, "get_text_config", None)
+    if get is None:
+        return config
+    try:
+        return get(decoder=True)
+    except TypeError:  # older signature without `decoder`
+        return get()
+
+
+def get_attn_implementation(config) -> str | None:
+    return getattr(config, "_attn_implementation", None)
+
+
+def set_attn_implementation(config, name: str) -> None:
+    """Select an attention implementation on this config only (not on sibling vision configs).
+
+    Writes the private attribute both versions read, bypassing 5.x's recursive setter and the
+    model-level validation that only knows transformers' own names.
+    """
+    config._attn_implementation_internal = name
+
+
+def model_eager_attention(module) -> Callable:
+    """The architecture's own ``eager_attention_forward`` (Gemma2's applies the softcap, Llama's does not)."""
+    function = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    if function is None:
+        raise RuntimeError(f"{type(module).__name__} has no eager_attention_forward in {type(module).__module__}")
+    return function
+
+
+def register_attention(name: str, attention_function: Callable, mask_function: Callable) -> None:
+    """Register an attention function and the mask builder that goes with it (process-global)."""
+    ALL_ATTENTION_FUNCTIONS.register(name, attention_function)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(name, mask_function)

@@ -1,0 +1,24 @@
+"""Eager attention: explicit scores, additive float mask, softmax in float32, optional logit softcap."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..masks import additive_mask
+from ._common import check_shapes, repeat_kv
+
+
+def eager_attention(module, query, key, value, layout, *, scaling, dropout=0.0, sliding_window=None, softcap=None):
+    """Shapes as in :mod:`prefixshare.backends`; returns the attention weights too, like transformers' eager."""
+    n_rep = check_shapes(query, key)
+    key, value = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if softcap is not None:
+        # Gemma2 caps the logits before the mask is added, as its own eager path does
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores + additive_mask(layout, scores.dtype, sliding_window)
+    weights = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
+    out = torch.matmul(weights, value).transpose(1, 2).contiguous()
+    return out, weights

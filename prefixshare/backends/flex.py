@@ -1,0 +1,74 @@
+"""FlexAttention with a BlockMask built from the layout's predicate (fully masked blocks are skipped)."""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import torch
+
+from ..masks import block_mask
+from ._common import check_shapes
+
+# FlexAttention compiles one kernel per shape: align lengths so batches share few shapes
+ALIGNMENT = 128
+
+
+@functools.cache
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention as flex
+
+    return torch.compile(flex, dynamic=False)
+
+
+def _flex_function(device: torch.device):
+    if device.type == "cuda":
+        return _compiled_flex()
+    from torch.nn.attention.flex_attention import flex_attention as flex
+
+    @functools.wraps(flex)
+    def uncompiled(*args, **kwargs):
+        # off CUDA the unfused path is the point (exactness checks, forward-only use); its advice to compile is noise
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+            return flex(*args, **kwargs)
+
+    return uncompiled
+
+
+def flex_attention(module, query, key, value, layout, *, scaling, dropout=0.0, sliding_window=None, softcap=None):
+    """Shapes as in :mod:`prefixshare.backends`; on CUDA the length is padded to a multiple of 128."""
+    if dropout and module.training:
+        raise ValueError("prefixshare: FlexAttention has no attention dropout; set attention_dropout=0 or use eager/sdpa")
+    if query.device.type == "cpu" and torch.is_grad_enabled() and (
+        query.requires_grad or key.requires_grad or value.requires_grad
+    ):
+        raise NotImplementedError(
+            "prefixshare: FlexAttention has no backward pass on CPU in this torch; train on CPU with "
+            "prefixshare.patch(model, backend='eager') or backend='sdpa', or run FlexAttention on a GPU "
+            "(forward-only use such as reference log-probs under torch.no_grad() works on CPU)"
+        )
+    n_rep = check_shapes(query, key)
+    L = query.shape[2]
+    padded_length = -(-L // ALIGNMENT) * ALIGNMENT if query.device.type == "cuda" else L
+    if padded_length != L:
+        pad = (0, 0, 0, padded_length - L)
+        query, key, value = (torch.nn.functional.pad(t, pad) for t in (query, key, value))
+        layout = layout.padded(padded_length)
+
+    score_mod = None
+    if softcap is not None:
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return torch.tanh(score / softcap) * softcap
+
+    out = _flex_function(query.device)(
+        query,
+        key,
+        value,
+        score_mod=score_mod,
+        block_mask=block_mask(layout, sliding_window),
+        scale=scaling,
+        enable_gqa=n_rep > 1,
+    )
+    return out[:, :, :L].transpose(1, 2).contiguous(), None
