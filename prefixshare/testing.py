@@ -1,0 +1,133 @@
+"""Exactness checks: a prefix-shared forward against each prompt+response run alone through the unpatched model.
+
+Used by the test suite and by compat/run_matrix.py, and available to users who want to check a model of
+their own before training on it::
+
+    report = prefixshare.testing.compare_with_alone(reference, patched, examples, PrefixShareCollator(0))
+    assert report.logps_error < 1e-5 and report.grad_error < 1e-5
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from .collators import normalize_example
+from .logps import gather_response_logps, token_logps
+
+
+def random_examples(
+    n: int,
+    vocab_size: int,
+    *,
+    seed: int = 0,
+    num_responses: int = 2,
+    prompt_lengths: tuple[int, int] = (1, 24),
+    response_lengths: tuple[int, int] = (1, 16),
+    first_id: int = 3,
+) -> list[dict]:
+    """``n`` random preference examples (token ids in ``[first_id, vocab_size)``), lengths drawn inclusive.
+
+    With ``num_responses == 2`` the examples use ``chosen_input_ids``/``rejected_input_ids``, otherwise
+    ``responses_input_ids``.
+    """
+    g = torch.Generator().manual_seed(seed)
+
+    def ids(bounds):
+        length = int(torch.randint(bounds[0], bounds[1] + 1, (1,), generator=g))
+        return torch.randint(first_id, vocab_size, (length,), generator=g).tolist()
+
+    examples = []
+    for _ in range(n):
+        prompt = ids(prompt_lengths)
+        responses = [ids(response_lengths) for _ in range(num_responses)]
+        if num_responses == 2:
+            examples.append(dict(prompt_input_ids=prompt, chosen_input_ids=responses[0], rejected_input_ids=responses[1]))
+        else:
+            examples.append(dict(prompt_input_ids=prompt, responses_input_ids=responses))
+    return examples
+
+
+def logps_alone(model, examples: Sequence) -> torch.Tensor:
+    """``[n, K]`` float32: every prompt+response run on its own (batch of one, no padding) through ``model``."""
+    device = next(model.parameters()).device
+    rows = []
+    for i, example in enumerate(examples):
+        ex = normalize_example(example, i)
+        row = []
+        for response in ex.responses:
+            ids = torch.tensor([ex.prompt + response], device=device)
+            logits = model(input_ids=ids, use_cache=False).logits[0]
+            p = len(ex.prompt)
+            row.append(token_logps(logits[p - 1 : -1], ids[0, p:]).sum())
+        rows.append(torch.stack(row))
+    return torch.stack(rows)
+
+
+@dataclass
+class Comparison:
+    """Normwise relative errors: ``max |x - ref| / max |ref|``; for gradients the worst parameter."""
+
+    logps_error: float
+    grad_error: float | None
+    worst_parameter: str | None
+    num_parameters: int
+
+    def passes(self, tolerance: float) -> bool:
+        return self.logps_error <= tolerance and (self.grad_error is None or self.grad_error <= tolerance)
+
+
+def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
+    scale = reference.detach().float().abs().max().clamp_min(torch.finfo(torch.float32).tiny)
+    return float((value.detach().float() - reference.detach().float()).abs().max() / scale)
+
+
+def _loss_weights(shape, seed: int = 1234) -> torch.Tensor:
+    # fixed random weights, so that gradients of chosen and rejected terms cannot cancel out by symmetry
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _trainable_grads(model) -> dict[str, torch.Tensor]:
+    return {
+        name: p.grad.detach().clone()
+        for name, p in model.named_parameters()
+        if p.requires_grad and p.grad is not None
+    }
+
+
+def compare_with_alone(reference_model, patched_model, examples, collator, *, gradients: bool = True) -> Comparison:
+    """Compare log-probs (and parameter gradients) of a prefix-shared forward with runs alone.
+
+    Args:
+        reference_model: the UNPATCHED model, with the same weights as ``patched_model``.
+        patched_model: the model after :func:`prefixshare.patch`.
+        examples: preference examples as the collators take them.
+        collator: a ``PrefixShareCollator`` or ``PairedCollator``.
+        gradients: also compare the gradients of ``sum(w * logps)`` (fixed random ``w``) on every
+            trainable parameter (both models' gradients are zeroed first and left set).
+    """
+    device = next(patched_model.parameters()).device
+    batch = collator(examples).to(device)
+    for model in (reference_model, patched_model):
+        model.zero_grad(set_to_none=True)
+    with torch.set_grad_enabled(gradients):
+        want = logps_alone(reference_model, examples)
+        got = gather_response_logps(patched_model(**batch).logits, batch).logps
+    grad_error, worst = None, None
+    num_parameters = 0
+    if gradients:
+        weights = _loss_weights(want.shape).to(want.device)
+        (want * weights).sum().backward()
+        (got * weights).sum().backward()
+        ref_grads, grads = _trainable_grads(reference_model), _trainable_grads(patched_model)
+        if ref_grads.keys() != grads.keys():
+            raise AssertionError(f"different parameters received gradients: {sorted(ref_grads.keys() ^ grads.keys())}")
+        num_parameters = len(ref_grads)
+        grad_error = 0.0
+        for name, ref in ref_grads.items():
+            error = relative_error(grads[name], ref)
+            if error >= grad_error:
+                grad_error, worst = error, name
+    return Comparison(relative_error(got, want), grad_error, worst, num_parameters)
