@@ -169,6 +169,14 @@ def test_placed_layout_matches_definition(layout, window):
     check_layout(layout, window)
 
 
+@settings(max_examples=25, deadline=None)
+@given(layout=placements_strategy(), window=windows, extra=st.integers(0, 5))
+def test_padded_layout_matches_definition(layout, window, extra):
+    padded = layout.padded(layout.shape[1] + extra)
+    assert padded.shape == (layout.shape[0], layout.shape[1] + extra)
+    check_layout(padded, window)
+
+
 def test_docstring_example():
     unit = UnitSpec(example=0, prompt_length=3, response_slots=(0, 1), response_lengths=(4, 2))
     layout = PrefixShareLayout.from_placements(
