@@ -110,16 +110,24 @@ def _finite_float(loss: str, name: str, value: float) -> float:
     return out
 
 
-def _check_tensors(loss: str, logps: Mapping[str, Tensor | None], counts: Mapping[str, Tensor | None] = {}) -> None:
-    """Raise ValueError unless every tensor is present, 1-D, of one shape, finite, and counts are positive."""
+def _check_tensors(
+    loss: str,
+    logps: Mapping[str, Tensor | None],
+    counts: Mapping[str, Tensor | None] | None = None,
+    counts_alternative: str = "",
+) -> None:
+    """Raise ValueError unless every tensor is present, 1-D, of one shape, finite, and counts are positive.
+
+    ``counts_alternative`` completes the hint for missing counts when a loss can do without them.
+    """
+    counts = counts or {}
     for name, value in {**logps, **counts}.items():
         if value is None:
             hint = f"pass {name}= ({_WHAT.get(name, name)}, shape [n])"
+            if name in counts and counts_alternative:
+                hint += f" or {counts_alternative}"
             if name.startswith("reference_"):
-                hint += (
-                    " or use a reference-free loss "
-                    f"({', '.join(sorted(REFERENCE_FREE))})"
-                )
+                hint += f" or use a reference-free loss ({', '.join(sorted(REFERENCE_FREE))})"
             raise ValueError(f"{loss} loss needs {name}, got None: {hint}")
         if not isinstance(value, torch.Tensor):
             raise ValueError(f"{loss} loss: {name} must be a torch.Tensor of shape [n], got {type(value).__name__}")
@@ -214,7 +222,8 @@ def _dpo_logratios(
     policy_rejected_logps: Tensor,
     reference_chosen_logps: Tensor | None,
     reference_rejected_logps: Tensor | None,
-    counts: Mapping[str, Tensor | None] = {},
+    counts: Mapping[str, Tensor | None] | None = None,
+    counts_alternative: str = "",
 ) -> tuple[Tensor, Tensor]:
     """Validate, then return the per-pair log-ratios ``(pi_c - ref_c, pi_r - ref_r)``, float32 or wider."""
     _check_tensors(
@@ -226,6 +235,7 @@ def _dpo_logratios(
             "reference_rejected_logps": reference_rejected_logps,
         },
         counts,
+        counts_alternative,
     )
     # The reference is a constant of the objective; detaching also keeps a caller's stray graph out of it.
     chosen = _float(policy_chosen_logps) - _float(reference_chosen_logps).detach()
@@ -385,6 +395,7 @@ def ipo_loss(
         reference_chosen_logps,
         reference_rejected_logps,
         counts if length_normalize else {},
+        "length_normalize=False for IPO on summed log-probs",
     )
     if length_normalize:
         h = _average(chosen, chosen_num_tokens) - _average(rejected, rejected_num_tokens)
@@ -412,16 +423,16 @@ def rpo_loss(
 
     Per pair: ``loss = dpo + alpha * (-pi_c / n_c)``, with ``dpo`` the per-pair :func:`dpo_loss` (same
     ``beta`` and ``label_smoothing``) and the NLL the chosen response's mean per-token negative log-likelihood,
-    TRL's ``rpo_alpha`` (in TRL 1.x: ``loss_type=["sigmoid", "sft"], loss_weights=[1, alpha]``). TRL takes the
-    NLL as one token-weighted mean over the whole batch; this takes it per pair, then averages pairs like
-    every other term here. The two agree when all chosen responses have the same length.
+    TRL's former ``rpo_alpha`` (in TRL 1.x: ``loss_type=["sigmoid", "sft"], loss_weights=[1, alpha]``). TRL
+    takes the NLL as one token-weighted mean over the whole batch; this takes it per pair, then averages pairs
+    like every other term here. The two agree when all chosen responses have the same length.
 
     Args:
         policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps:
             float ``[n]``, summed log-probs as in :func:`dpo_loss`.
         chosen_num_tokens: integer ``[n]``, positive lengths of the chosen responses.
         beta, label_smoothing: as in :func:`dpo_loss`.
-        alpha: >= 0, weight of the NLL term; default 1.0, the paper's and TRL's recommended value.
+        alpha: >= 0, weight of the NLL term; default 1.0, the value the RPO paper uses.
         reduction: ``"mean"`` (default), ``"sum"`` or ``"none"``.
 
     Returns:
@@ -514,8 +525,12 @@ def simpo_loss(
 
 def _log1mexp(x: Tensor) -> Tensor:
     """``log(1 - exp(x))`` for ``x < 0``, accurate at both ends (Maechler 2012)."""
-    # Near 0, 1 - exp(x) cancels: use expm1 there; far below, exp(x) underflows gracefully in log1p.
-    return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+    # Near 0, 1 - exp(x) cancels: use expm1 there; far below, exp(x) underflows gracefully in log1p. Each
+    # branch only sees inputs from its own side, else the discarded branch's inf gradient turns into nan.
+    split = -math.log(2.0)
+    near_zero = torch.log(-torch.expm1(x.clamp(min=split)))
+    far_below = torch.log1p(-torch.exp(x.clamp(max=split)))
+    return torch.where(x > split, near_zero, far_below)
 
 
 def orpo_loss(
@@ -612,7 +627,7 @@ def nll_loss(
         logps["policy_rejected_logps"] = policy_rejected_logps
         if length_normalize:
             counts["rejected_num_tokens"] = rejected_num_tokens
-    _check_tensors("nll", logps, counts)
+    _check_tensors("nll", logps, counts, "length_normalize=False for the summed NLL")
 
     def normalized(x: Tensor, n: Tensor | None) -> Tensor:
         return _average(x, n) if length_normalize else _float(x)
