@@ -8,9 +8,12 @@ the prompt is computed once. See README.md.
 from .architectures import ARCHITECTURES, UnsupportedModelError
 from .collators import LAYOUT_KEY, PairedCollator, PrefixShareBatch, PrefixShareCollator
 from .layout import PrefixShareLayout
+from .lm_head import response_logps
 from .logps import ResponseLogps, gather_response_logps, split_logps
+from .losses import LOSSES, REFERENCE_FREE, preference_loss
 from .packing import first_fit_decreasing
 from .patch import is_patched, patch, patched_backend, unpatch
+from .sampler import TokenBudgetBatchSampler
 
 __version__ = "0.1.0"
 
@@ -22,6 +25,9 @@ __all__ = [
     "patched_backend",
     "unpatch",
     "LAYOUT_KEY",
+    "LOSSES",
+    "REFERENCE_FREE",
+    "TokenBudgetBatchSampler",
     "PairedCollator",
     "PrefixShareBatch",
     "PrefixShareCollator",
@@ -29,5 +35,7 @@ __all__ = [
     "ResponseLogps",
     "first_fit_decreasing",
     "gather_response_logps",
+    "preference_loss",
+    "response_logps",
     "split_logps",
 ]

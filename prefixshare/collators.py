@@ -160,7 +160,7 @@ class _PreferenceCollator:
             ("pad_to_multiple_of", pad_to_multiple_of),
             ("max_length", max_length),
         ):
-            if value is not None and (not isinstance(value, int) or value < 1):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
         if truncation is not None and truncation not in TRUNCATION_MODES:
             raise ValueError(f"truncation must be None or one of {TRUNCATION_MODES}, got {truncation!r}")

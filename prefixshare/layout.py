@@ -21,7 +21,7 @@ is derived from :meth:`PrefixShareLayout.attention_predicate` and the index tens
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 
@@ -170,6 +170,43 @@ class PrefixShareLayout:
         return predicate
 
     # ------------------------------------------------------------------ derived views
+    def varlen_sequences(self) -> "VarlenSequences":
+        """The rule as independent causal sequences for variable-length kernels (memoized).
+
+        The same rule as :meth:`attention_predicate`, in the form FlashAttention-class kernels take;
+        tests check that the two agree on every layout.
+        """
+
+        def build():
+            B, L = self.shape
+            queries, keys, len_q, len_k = [], [], [], []
+            for pl in self.placements:
+                base = pl.row * L + pl.offset
+                prompt = torch.arange(base, base + pl.unit.prompt_length)
+                start = base + pl.unit.prompt_length
+                for j, n in enumerate(pl.unit.response_lengths):
+                    response = torch.arange(start, start + n)
+                    q = torch.cat([prompt, response]) if j == 0 else response
+                    queries.append(q)
+                    keys.append(torch.cat([prompt, response]))
+                    len_q.append(len(q))
+                    len_k.append(len(prompt) + n)
+                    start += n
+
+            def cumulative(lengths):
+                return torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+
+            return VarlenSequences(
+                torch.cat(queries).to(self.device),
+                torch.cat(keys).to(self.device),
+                cumulative(len_q).to(self.device),
+                cumulative(len_k).to(self.device),
+                max(len_q),
+                max(len_k),
+            )
+
+        return self.cached("varlen_sequences", build)
+
     def cached(self, key, build: Callable[[], object]):
         """Memoize a derived object (a mask, a sequence table) on this layout, shared by all layers."""
         if key not in self._derived:
@@ -246,6 +283,28 @@ class PrefixShareLayout:
             f"PrefixShareLayout(rows={B}, row_length={L}, units={len(self.placements)}, "
             f"examples={self.num_examples}, responses={self.num_responses}, tokens={self.num_tokens})"
         )
+
+
+class VarlenSequences(NamedTuple):
+    """The layout as independent causal sequences for a variable-length kernel.
+
+    The first response of a unit forms one sequence with its prompt; every later response forms a
+    sequence whose queries are its own tokens and whose keys are ``[prompt | itself]``. Causal masking
+    aligned bottom-right (``seqlen_q <= seqlen_k``) then gives exactly the layout's rule, and key index
+    within a sequence equals the logical position, so sliding windows map onto the kernel's window.
+
+    query_index: ``[Tq]`` flat (``b * L + t``) index of each query token; every non-padding token once.
+    key_index: ``[Tk]`` flat index of each key token (prompt tokens repeat for later responses).
+    cu_seqlens_q, cu_seqlens_k: ``[N + 1]`` int32 cumulative lengths.
+    max_seqlen_q, max_seqlen_k: Python ints.
+    """
+
+    query_index: torch.Tensor
+    key_index: torch.Tensor
+    cu_seqlens_q: torch.Tensor
+    cu_seqlens_k: torch.Tensor
+    max_seqlen_q: int
+    max_seqlen_k: int
 
 
 _TENSOR_FIELDS = (

@@ -1,6 +1,7 @@
 """Masks derived from a layout's attention predicate, memoized on the layout (one per batch and window).
 
 Every function here evaluates :meth:`PrefixShareLayout.attention_predicate`; none restates the rule.
+(Variable-length kernels take the layout's :meth:`~PrefixShareLayout.varlen_sequences` instead.)
 """
 
 from __future__ import annotations
@@ -48,3 +49,4 @@ def block_mask(layout: PrefixShareLayout, sliding_window: int | None = None):
         )
 
     return layout.cached(("block_mask", sliding_window), build)
+

@@ -36,11 +36,15 @@ _CODES = {
     "eager": "eager",
     "sdpa": "sdp",
     "flex_attention": "flex",
+    "varlen": "varlen",
     "flash_attention_2": "fa2",
     "flash_attention_3": "fa3",
     "flash_attention_4": "fa4",
 }
 _PREFIX = "prefixshare_"
+
+# transformers' FlashAttention kernels map onto the varlen backend (their 4D-mask-free path cannot take our layout)
+_DEFAULT_BACKEND = {f"flash_attention_{v}": "varlen" for v in (2, 3, 4)}
 
 # name -> (backend, original kernel), filled as names are registered
 _REGISTERED: dict[str, tuple[str, str]] = {}
@@ -187,8 +191,9 @@ def patch(model, backend: str | None = None, *, allow_unverified: bool = False):
     Args:
         model: a transformers ``PreTrainedModel`` (Llama, Mistral, Qwen2/2.5/3, Gemma 1/2/3), a peft
             ``PeftModel`` around one (LoRA, QLoRA), or either wrapped by DDP or FSDP.
-        backend: the kernel for prefix-shared forwards: ``"eager"``, ``"sdpa"`` or ``"flex_attention"``.
-            ``None`` keeps the kernel the model was loaded with.
+        backend: the kernel for prefix-shared forwards: ``"eager"``, ``"sdpa"``, ``"flex_attention"`` or
+            ``"varlen"``. ``None`` keeps the kernel the model was loaded with (``flash_attention_2/3/4``
+            map to ``"varlen"``).
         allow_unverified: patch a decoder outside the verified list (it must use transformers' attention
             interface); a warning says so.
 
@@ -222,7 +227,7 @@ def patch(model, backend: str | None = None, *, allow_unverified: bool = False):
         kernel = parsed[1] if parsed else current
         if kernel not in _CODES:
             raise ValueError(f"prefixshare: unknown attention implementation {kernel!r} on {type(inner).__name__}")
-        chosen = backend or (parsed[0] if parsed else kernel)
+        chosen = backend or (parsed[0] if parsed else _DEFAULT_BACKEND.get(kernel, kernel))
         if chosen not in BACKENDS:
             raise ValueError(
                 f"prefixshare: no prefix-shared backend for {chosen!r}; choose one of {sorted(BACKENDS)} "

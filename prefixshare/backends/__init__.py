@@ -15,11 +15,13 @@ from __future__ import annotations
 from .eager import eager_attention
 from .flex import flex_attention
 from .sdpa import sdpa_attention
+from .varlen import varlen_attention
 
 BACKENDS = {
     "eager": eager_attention,
     "sdpa": sdpa_attention,
     "flex_attention": flex_attention,
+    "varlen": varlen_attention,
 }
 
-__all__ = ["BACKENDS", "eager_attention", "flex_attention", "sdpa_attention"]
+__all__ = ["BACKENDS", "eager_attention", "flex_attention", "sdpa_attention", "varlen_attention"]

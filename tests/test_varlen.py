@@ -1,0 +1,89 @@
+"""The varlen backend: its sequence table equals the layout's predicate; exact against runs alone."""
+
+import copy
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import prefixshare as ps
+from prefixshare._compat import set_attn_implementation
+from prefixshare.backends.varlen import _run_kernel, reference_varlen
+from prefixshare.masks import dense_bool_mask
+from prefixshare.testing import compare_with_alone, random_examples
+from prefixshare.tiny import tiny_model
+
+
+def mask_from_sequences(layout, window=None):
+    """Dense [B, L, L] mask of what the varlen sequences let each query see (bottom-right causal)."""
+    B, L = layout.shape
+    seq = layout.varlen_sequences()
+    allowed = torch.zeros(B * L, B * L, dtype=torch.bool)
+    allowed[torch.arange(B * L), torch.arange(B * L)] = layout.segment_ids.reshape(-1) == -1  # pads: themselves
+    cu_q, cu_k = seq.cu_seqlens_q.tolist(), seq.cu_seqlens_k.tolist()
+    for s in range(len(cu_q) - 1):
+        queries = seq.query_index[cu_q[s] : cu_q[s + 1]].tolist()
+        keys = seq.key_index[cu_k[s] : cu_k[s + 1]].tolist()
+        shift = len(keys) - len(queries)
+        for i, q in enumerate(queries):
+            for j, k in enumerate(keys):
+                if j <= i + shift and (window is None or j > i + shift - window):
+                    allowed[q, k] = True
+    flat = allowed.view(B, L, B, L)
+    return torch.stack([flat[b, :, b, :] for b in range(B)])
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(1, 5),
+    K=st.integers(1, 3),
+    budget=st.one_of(st.none(), st.integers(40, 90)),
+    window=st.one_of(st.none(), st.integers(1, 9)),
+    paired=st.booleans(),
+    seed=st.integers(0, 10_000),
+)
+def test_varlen_sequences_equal_the_predicate(n, K, budget, window, paired, seed):
+    examples = random_examples(n, 50, seed=seed, num_responses=K, prompt_lengths=(1, 12), response_lengths=(1, 9))
+    collator = (ps.PairedCollator if paired else ps.PrefixShareCollator)(0, max_tokens_per_row=budget)
+    layout = collator(examples).layout
+    assert torch.equal(mask_from_sequences(layout, window), dense_bool_mask(layout, window)[:, 0])
+    seq = layout.varlen_sequences()
+    # every real token is a query exactly once
+    real = (layout.segment_ids.reshape(-1) != -1).nonzero().squeeze(1)
+    assert torch.equal(seq.query_index.sort().values, real)
+
+
+@pytest.mark.parametrize("architecture", ["llama", "mistral", "gemma2", "gemma3"])
+@pytest.mark.parametrize("packed", [False, True])
+def test_varlen_backend_is_exact(architecture, packed):
+    reference = tiny_model(architecture).train()
+    model = ps.patch(copy.deepcopy(reference), backend="varlen")
+    collator = ps.PrefixShareCollator(0, max_tokens_per_row=100 if packed else None)
+    result = compare_with_alone(reference, model, random_examples(4, 96, seed=6), collator)
+    assert result.passes(1e-5), result
+
+
+def test_flash_attention_kernels_map_to_varlen():
+    model = tiny_model("llama")
+    set_attn_implementation(model.config, "flash_attention_2")  # as if loaded with flash-attn installed
+    ps.patch(model)
+    assert ps.patched_backend(model) == "varlen"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: checks the CUDA varlen kernel's alignment")
+@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_varlen_kernel_aligns_bottom_right(window, dtype):
+    layout = ps.PrefixShareCollator(0, max_tokens_per_row=200)(
+        random_examples(6, 50, seed=1, num_responses=3, prompt_lengths=(1, 40), response_lengths=(1, 30))
+    ).layout.to("cuda")
+    seq = layout.varlen_sequences()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(len(seq.query_index), 8, 64, device="cuda", dtype=dtype, generator=g)
+    k = torch.randn(len(seq.key_index), 2, 64, device="cuda", dtype=dtype, generator=g)
+    v = torch.randn(len(seq.key_index), 2, 64, device="cuda", dtype=dtype, generator=g)
+    options = dict(scale=0.125, window_left=-1 if window is None else window - 1, softcap=None, enable_gqa=True)
+    got = _run_kernel(q, k, v, seq, **options)
+    want = reference_varlen(q.float(), k.float(), v.float(), seq, **options)
+    torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
