@@ -1,0 +1,319 @@
+"""``prefixshare bench``: the formats side by side in one run, forward+backward samples/s and memory.
+
+Formats, each fed the same examples every step:
+    paired           the classic concatenated forward (2B rows, right padded)
+    paired-packed    the paired sequences packed first-fit-decreasing, each isolated
+    shared           prefix sharing, one unit per row
+    shared-packed    prefix sharing, units packed first-fit-decreasing
+All four run through the same patched model and backend, so the ratios isolate the format. The ideal
+speedup is the ratio of real (non-padding) tokens, paired over shared: ``2(p+c)/(p+2c)`` for one pair.
+
+Dataset profiles: the six of the prefix sharing paper (median prompt+completion length and median
+prompt/completion ratio of Capybara, HH-RLHF, MetaMath-DPO, TLDR, Tulu-Helpsteer, UltraFeedback; lengths
+drawn log-normally around them), and real data when a tokenizer and data files are given.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+
+import torch
+
+from .collators import PairedCollator, PrefixShareCollator
+from .lm_head import response_logps
+from .patch import patch
+
+# name -> (median prompt+completion tokens, median prompt/completion ratio), Table 1 of arXiv 2410.20305
+PAPER_PROFILES = {
+    "capybara": (1160, 1.59),
+    "hh-rlhf": (186, 2.15),
+    "metamath-dpo": (872, 3.91),
+    "tldr": (416, 11.14),
+    "tulu-helpsteer": (775, 6.34),
+    "ultrafeedback": (409, 0.42),
+}
+
+FORMATS = ("paired", "paired-packed", "shared", "shared-packed")
+
+# model shapes: tiny for CPU, Llama-3.2-1B and Llama-3-8B shapes for GPUs (random weights)
+MODEL_SHAPES = {
+    "tiny": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
+                 num_key_value_heads=4, vocab_size=8192),
+    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256),
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256),
+}
+
+
+def synthetic_lengths(profile: str, n: int, seed: int = 0, scale: float = 1.0) -> list[tuple[int, int, int]]:
+    """``n`` (prompt, chosen, rejected) lengths whose medians match ``profile`` (times ``scale``)."""
+    overall, ratio = PAPER_PROFILES[profile]
+    p_med = overall * scale * ratio / (1 + ratio)
+    c_med = overall * scale / (1 + ratio)
+    g = torch.Generator().manual_seed(seed)
+
+    def draw(median):
+        # log-normal spread (sigma 0.4) around the median, at least one token
+        return max(1, int(round(median * math.exp(0.4 * float(torch.randn((), generator=g))))))
+
+    return [(draw(p_med), draw(c_med), draw(c_med)) for _ in range(n)]
+
+
+def examples_from_lengths(lengths, vocab_size: int, seed: int = 0) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+
+    def ids(n):
+        return torch.randint(3, vocab_size, (n,), generator=g).tolist()
+
+    return [dict(prompt_input_ids=ids(p), chosen_input_ids=ids(c), rejected_input_ids=ids(r)) for p, c, r in lengths]
+
+
+def ideal_speedup(examples) -> float:
+    """Real tokens of the paired format over those of prefix sharing."""
+    paired = sum(2 * len(e["prompt_input_ids"]) + len(e["chosen_input_ids"]) + len(e["rejected_input_ids"]) for e in examples)
+    shared = sum(len(e["prompt_input_ids"]) + len(e["chosen_input_ids"]) + len(e["rejected_input_ids"]) for e in examples)
+    return paired / shared
+
+
+@dataclass
+class Measurement:
+    profile: str
+    backend: str
+    format: str
+    samples_per_s: float
+    step_s: float
+    peak_memory_mb: float | None
+    tokens_real: int
+    tokens_padded: int
+    rows: int
+    row_length: int
+
+
+@dataclass
+class BenchResult:
+    machine: str
+    device: str
+    torch: str
+    transformers: str
+    model_shape: str
+    dtype: str
+    lora: bool
+    examples_per_step: int
+    steps: int
+    date: str
+    measurements: list[Measurement] = field(default_factory=list)
+    ideal: dict = field(default_factory=dict)
+
+    def ratios(self):
+        """(profile, backend) -> {format: samples/s over the best paired format}."""
+        table = {}
+        for m in self.measurements:
+            table.setdefault((m.profile, m.backend), {})[m.format] = m.samples_per_s
+        out = {}
+        for key, row in table.items():
+            baseline = max(v for f, v in row.items() if f.startswith("paired"))
+            out[key] = {f: v / baseline for f, v in row.items()}
+        return out
+
+
+def collators_for(budget: int):
+    return {
+        "paired": PairedCollator(0),
+        "paired-packed": PairedCollator(0, max_tokens_per_row=budget),
+        "shared": PrefixShareCollator(0),
+        "shared-packed": PrefixShareCollator(0, max_tokens_per_row=budget),
+    }
+
+
+def build_model(shape: str, backend: str, dtype: torch.dtype, device: str, lora: bool):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from ._compat import DTYPE_KWARG
+
+    config = LlamaConfig(**MODEL_SHAPES[shape], max_position_embeddings=16384, pad_token_id=0)
+    torch.manual_seed(0)
+    kernel = "sdpa" if backend in ("varlen", "flex_attention") else backend
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=kernel, **{DTYPE_KWARG: dtype}).to(device)
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    model.train()
+    if hasattr(model, "config"):
+        model.config.use_cache = False
+    return patch(model, backend=backend)
+
+
+def _sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_format(model, collator, batches, device: str, warmup: int = 1) -> tuple[float, float | None, dict]:
+    """Seconds per step (forward + backward of a DPO-style sum of log-probs) and peak memory in MB."""
+    prepared = [collator(b).to(device) for b in batches]
+
+    def step(batch):
+        out = response_logps(model, batch)
+        out.logps.sum().backward()
+
+    for batch in prepared[:warmup]:
+        step(batch)
+    model.zero_grad(set_to_none=True)
+    _sync(device)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for batch in prepared[warmup:]:
+        step(batch)
+    _sync(device)
+    elapsed = (time.perf_counter() - start) / max(1, len(prepared) - warmup)
+    model.zero_grad(set_to_none=True)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else None
+    first = prepared[0]
+    layout = first.layout
+    shape = {
+        "tokens_real": sum(b.layout.num_tokens for b in prepared[warmup:]) // max(1, len(prepared) - warmup),
+        "tokens_padded": first["input_ids"].numel(),
+        "rows": layout.shape[0],
+        "row_length": layout.shape[1],
+    }
+    return elapsed, peak, shape
+
+
+def available_backends(device: str) -> list[str]:
+    """Backends that can train (forward and backward) on ``device``."""
+    backends = ["eager", "sdpa", "varlen"]
+    if device.startswith("cuda"):
+        backends.append("flex_attention")
+    return backends
+
+
+def machine_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{name} ({torch.get_num_threads()} threads)"
+
+
+def run_bench(
+    profiles: dict[str, list[dict]],
+    *,
+    backends: list[str],
+    shape: str = "tiny",
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    lora: bool = False,
+    examples_per_step: int = 8,
+    steps: int = 3,
+    budget: int | None = None,
+    progress: bool = True,
+) -> BenchResult:
+    """Measure every (profile, backend, format); ``profiles`` maps a name to its examples."""
+    import transformers
+
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # the bench extra brings tqdm; run without a bar otherwise
+        def tqdm(iterable, **_):
+            return iterable
+
+    result = BenchResult(
+        machine=machine_name(device), device=device, torch=torch.__version__, transformers=transformers.__version__,
+        model_shape=shape, dtype=str(dtype).replace("torch.", ""), lora=lora, examples_per_step=examples_per_step,
+        steps=steps, date=datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+    )
+    cells = [(p, b, f) for b in backends for p in profiles for f in FORMATS]
+    models = {}
+    bar = tqdm(cells, desc="bench", disable=not progress)
+    for profile, backend, fmt in bar:
+        bar.set_postfix_str(f"{profile} {backend} {fmt}")
+        examples = profiles[profile]
+        batches = [examples[i * examples_per_step : (i + 1) * examples_per_step] for i in range(steps + 1)]
+        longest_pair = max(len(e["prompt_input_ids"]) + len(e["chosen_input_ids"]) + len(e["rejected_input_ids"])
+                           for e in examples)
+        # the paper's packing length: the batch's share of a fixed token budget, at least the longest unit
+        row_budget = budget or max(longest_pair, examples_per_step * longest_pair // 4)
+        if backend not in models:
+            models.clear()  # one model in memory at a time
+            models[backend] = build_model(shape, backend, dtype, device, lora)
+        model = models[backend]
+        step_s, peak, sizes = time_format(model, collators_for(row_budget)[fmt], batches, device)
+        result.measurements.append(
+            Measurement(profile, backend, fmt, examples_per_step / step_s, step_s, peak, **sizes)
+        )
+        result.ideal[profile] = ideal_speedup(examples[: examples_per_step * (steps + 1)])
+    return result
+
+
+def format_table(result: BenchResult) -> str:
+    ratios = result.ratios()
+    lines = [
+        f"prefixshare bench: {result.machine}, {result.device}, torch {result.torch}, transformers "
+        f"{result.transformers}, model {result.model_shape}{' + LoRA' if result.lora else ''}, {result.dtype}, "
+        f"{result.examples_per_step} examples/step, {result.date}",
+        "",
+        "| profile | backend | ideal | " + " | ".join(f"{f} samples/s (x)" for f in FORMATS) + " | shared-packed / ideal |",
+        "|---|---|---|" + "---|" * len(FORMATS) + "---|",
+    ]
+    by_key = {}
+    for m in result.measurements:
+        by_key.setdefault((m.profile, m.backend), {})[m.format] = m
+    for (profile, backend), row in by_key.items():
+        r = ratios[(profile, backend)]
+        cells = [f"{row[f].samples_per_s:.2f} ({r[f]:.2f}x)" if f in row else "-" for f in FORMATS]
+        ideal = result.ideal[profile]
+        lines.append(
+            f"| {profile} | {backend} | {ideal:.2f}x | " + " | ".join(cells) + f" | {r.get('shared-packed', 0) / ideal:.0%} |"
+        )
+    if any(m.peak_memory_mb for m in result.measurements):
+        lines += ["", "| profile | backend | " + " | ".join(f"{f} peak MB" for f in FORMATS) + " |",
+                  "|---|---|" + "---|" * len(FORMATS)]
+        for (profile, backend), row in by_key.items():
+            lines.append(f"| {profile} | {backend} | " + " | ".join(
+                f"{row[f].peak_memory_mb:.0f}" if f in row and row[f].peak_memory_mb else "-" for f in FORMATS) + " |")
+    lines += ["", "(x) = samples/s over the best paired format of the same profile and backend; ideal = paired "
+              "real tokens / shared real tokens."]
+    return "\n".join(lines)
+
+
+def save(result: BenchResult, json_path: str | None = None, png_path: str | None = None) -> None:
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(asdict(result) | {"ratios": {f"{p}/{b}": r for (p, b), r in result.ratios().items()}}, f, indent=2)
+    if png_path:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        ratios = result.ratios()
+        keys = list(ratios)
+        fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(keys)), 4))
+        width = 0.8 / (len(FORMATS) + 1)
+        for i, fmt in enumerate(FORMATS):
+            ax.bar([k + i * width for k in range(len(keys))], [ratios[key].get(fmt, 0) for key in keys], width, label=fmt)
+        ax.bar([k + len(FORMATS) * width for k in range(len(keys))], [result.ideal[p] for p, _ in keys], width,
+               label="ideal", color="lightgray", edgecolor="black")
+        ax.set_xticks([k + 0.4 for k in range(len(keys))], [f"{p}\n{b}" for p, b in keys], fontsize=8)
+        ax.set_ylabel("samples/s over best paired")
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_title(f"prefixshare bench: {result.machine} ({result.model_shape}, {result.dtype})", fontsize=9)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(png_path, dpi=120)
+        plt.close(fig)

@@ -1,0 +1,118 @@
+"""The ``prefixshare`` command: ``prefixshare bench`` and ``prefixshare stats``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _bench(args) -> int:
+    import torch
+
+    from . import bench
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype or ("bfloat16" if device == "cuda" else "float32")]
+    shape = args.shape or ("1b" if device == "cuda" else "tiny")
+    backends = args.backends.split(",") if args.backends else (
+        bench.available_backends(device) if device == "cuda" else ["sdpa"]
+    )
+    n = args.examples_per_step * (args.steps + 1)
+    vocab = bench.MODEL_SHAPES[shape]["vocab_size"]
+    profiles = {
+        name: bench.examples_from_lengths(bench.synthetic_lengths(name, n, seed=i, scale=args.length_scale), vocab, seed=i)
+        for i, name in enumerate(args.profiles.split(","))
+    }
+    if args.data:
+        from .stats import load_preference_file, tokenize_all
+
+        tokenizer = _load_tokenizer(args.tokenizer)
+        for path in args.data:
+            examples = tokenize_all(load_preference_file(path), tokenizer)[:n]
+            for e in examples:  # the model's vocabulary may be smaller than the tokenizer's
+                for key in ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids"):
+                    e[key] = [t % vocab for t in e[key]]
+            profiles[os.path.basename(path)] = examples
+    result = bench.run_bench(
+        profiles, backends=backends, shape=shape, dtype=dtype, device=device, lora=args.lora,
+        examples_per_step=args.examples_per_step, steps=args.steps, budget=args.budget,
+    )
+    table = bench.format_table(result)
+    print(table)
+    if args.out_dir:
+        os.makedirs(args.out_dir, exist_ok=True)
+        stem = os.path.join(args.out_dir, f"bench-{result.device.split(':')[0]}-{shape}")
+        bench.save(result, stem + ".json", stem + ".png")
+        with open(stem + ".md", "w") as f:
+            f.write(table + "\n")
+        print(f"wrote {stem}.json, {stem}.png, {stem}.md")
+    return 0
+
+
+def _load_tokenizer(path: str):
+    if path is None:
+        raise SystemExit("--tokenizer PATH is needed to tokenize text data")
+    if path.endswith(".model"):  # a bare SentencePiece model, e.g. Mistral's
+        return sentencepiece_tokenizer(path)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def sentencepiece_tokenizer(model_file: str):
+    """A fast Llama-style tokenizer from a bare SentencePiece ``.model`` (needs sentencepiece and protobuf)."""
+    import shutil
+    import tempfile
+
+    from transformers import LlamaTokenizerFast
+
+    with tempfile.TemporaryDirectory() as folder:
+        # from_pretrained converts a folder's tokenizer.model; the vocab_file= route gives an empty vocabulary in 5.x
+        shutil.copy(model_file, os.path.join(folder, "tokenizer.model"))
+        return LlamaTokenizerFast.from_pretrained(folder)
+
+
+def _stats(args) -> int:
+    from .stats import dataset_stats, format_stats, load_preference_file, tokenize_all
+
+    tokenizer = _load_tokenizer(args.tokenizer)
+    examples = tokenize_all(load_preference_file(args.data, limit=args.limit), tokenizer)
+    print(format_stats(args.data, dataset_stats(examples, max_tokens_per_row=args.max_tokens_per_row)))
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="prefixshare", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("bench", help="paired vs prefix-shared formats, side by side, forward+backward")
+    b.add_argument("--profiles", default="capybara,hh-rlhf,metamath-dpo,tldr,tulu-helpsteer,ultrafeedback",
+                   help="comma-separated dataset profiles of the paper (synthetic lengths)")
+    b.add_argument("--data", nargs="*", help="real preference data files (json/jsonl[.gz]); needs --tokenizer")
+    b.add_argument("--tokenizer", help="tokenizer directory or SentencePiece .model file")
+    b.add_argument("--backends", help="comma-separated: eager,sdpa,varlen,flex_attention (default: sdpa on CPU, all on GPU)")
+    b.add_argument("--shape", choices=["tiny", "1b", "8b"], help="model shape (default: tiny on CPU, 1b on GPU)")
+    b.add_argument("--dtype", choices=["float32", "bfloat16"])
+    b.add_argument("--device")
+    b.add_argument("--lora", action="store_true", help="train LoRA adapters (r=16 on attention projections)")
+    b.add_argument("--examples-per-step", type=int, default=8)
+    b.add_argument("--steps", type=int, default=3, help="timed steps per cell (after one warm-up step)")
+    b.add_argument("--length-scale", type=float, default=1.0, help="scale the profiles' lengths (e.g. 0.25 on CPU)")
+    b.add_argument("--budget", type=int, help="max_tokens_per_row of the packed formats")
+    b.add_argument("--out-dir", help="write JSON, PNG and a markdown table here")
+    b.set_defaults(run=_bench)
+
+    s = sub.add_parser("stats", help="token counts per format and the predicted speedup of a preference dataset")
+    s.add_argument("data", help="json or jsonl(.gz): standard (prompt/chosen/rejected strings) or chat format")
+    s.add_argument("--tokenizer", required=True, help="tokenizer directory or SentencePiece .model file")
+    s.add_argument("--limit", type=int, help="read at most this many examples")
+    s.add_argument("--max-tokens-per-row", type=int, help="also report packed rows for this budget")
+    s.set_defaults(run=_stats)
+
+    args = parser.parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""prefixshare stats and prefixshare bench: small runs on CPU."""
+
+import gzip
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from prefixshare import bench, cli
+from prefixshare.stats import dataset_stats, load_preference_file
+
+SHARED = Path(os.environ.get("PREFIXSHARE_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+
+
+def test_dataset_stats_counts_tokens_and_attention_pairs():
+    examples = [dict(prompt_input_ids=[5] * 6, chosen_input_ids=[6] * 2, rejected_input_ids=[7] * 4)]
+    s = dataset_stats(examples, max_tokens_per_row=12)
+    assert (s.paired_tokens, s.shared_tokens) == (18, 12)
+    # ideal linear speedup 2(p+c)/(p+2c) for one pair: here with unequal completions
+    assert s.token_speedup == pytest.approx(18 / 12)
+    # paired: 8*9/2 + 10*11/2; shared: prompt+chosen 36, rejected sees prompt 4*6 plus itself 10
+    assert s.paired_attention == 36 + 55 and s.shared_attention == 36 + 24 + 10
+    assert (s.paired_rows, s.shared_rows) == (2, 1)
+
+
+def test_load_preference_file_formats(tmp_path):
+    rows = [
+        {"prompt": "a", "chosen": "b", "rejected": "c"},
+        {"conversations": [{"from": "human", "value": "hi"}], "chosen": {"from": "gpt", "value": "yo"},
+         "rejected": {"from": "gpt", "value": "no"}},
+    ]
+    jsonl = tmp_path / "d.jsonl.gz"
+    with gzip.open(jsonl, "wt") as f:
+        f.write("\n".join(json.dumps(r) for r in rows))
+    as_list = tmp_path / "d.json"
+    as_list.write_text(json.dumps(rows))
+    for path in (jsonl, as_list):
+        loaded = load_preference_file(str(path))
+        assert loaded[0] == rows[0]
+        assert loaded[1]["prompt"] == [{"role": "user", "content": "hi"}]
+        assert loaded[1]["chosen"] == [{"role": "assistant", "content": "yo"}]
+    (tmp_path / "bad.json").write_text(json.dumps([["not", "an", "object"]]))
+    with pytest.raises(ValueError, match="example 0"):
+        load_preference_file(str(tmp_path / "bad.json"))
+
+
+@pytest.mark.skipif(not (SHARED / "tokenizers").exists(), reason="needs ../shared (real tokenizer and data)")
+def test_stats_on_real_data(capsys):
+    cli.main([
+        "stats", str(SHARED / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"), "--limit", "200",
+        "--tokenizer", str(SHARED / "tokenizers" / "mistral-7b-v0.1-tokenizer.model"),
+    ])
+    out = capsys.readouterr().out
+    assert "200 examples" in out and "predicted speedup" in out
+    speedup = float(out.split("predicted speedup: ")[1].split("x")[0])
+    assert 1.3 < speedup < 1.8  # HH-RLHF: long prompts, short answers
+
+
+def test_synthetic_profiles_match_their_medians():
+    for name, (overall, ratio) in bench.PAPER_PROFILES.items():
+        lengths = bench.synthetic_lengths(name, 400, seed=1)
+        p = sorted(x[0] for x in lengths)[200]
+        c = sorted(x[1] for x in lengths)[200]
+        assert p + c == pytest.approx(overall, rel=0.15), name
+        assert p / c == pytest.approx(ratio, rel=0.25), name
+
+
+def test_bench_runs_side_by_side(tmp_path, capsys):
+    cli.main([
+        "bench", "--profiles", "tldr", "--backends", "sdpa,varlen", "--examples-per-step", "2", "--steps", "1",
+        "--length-scale", "0.05", "--out-dir", str(tmp_path),
+    ])
+    out = capsys.readouterr().out
+    for fmt in bench.FORMATS:
+        assert f"{fmt} samples/s" in out
+    data = json.loads((tmp_path / "bench-cpu-tiny.json").read_text())
+    assert {m["format"] for m in data["measurements"]} == set(bench.FORMATS)
+    assert {m["backend"] for m in data["measurements"]} == {"sdpa", "varlen"}
+    assert (tmp_path / "bench-cpu-tiny.png").stat().st_size > 0
