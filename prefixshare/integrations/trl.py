@@ -1,0 +1,472 @@
+"""``PrefixShareDPOTrainer``: TRL's ``DPOTrainer`` with prefix sharing, a one-line change.
+
+::
+
+    from trl import DPOConfig
+    from prefixshare.integrations.trl import PrefixShareDPOTrainer   # instead of: from trl import DPOTrainer
+
+    trainer = PrefixShareDPOTrainer(model=model, args=DPOConfig(...), train_dataset=dataset, processing_class=tokenizer)
+    trainer.train()
+
+Same ``DPOConfig``, same dataset formats and tokenization (TRL's own ``_prepare_dataset`` runs unchanged), same
+logged metrics. Inside, each batch is one ``[prompt | chosen | rejected]`` sequence per pair instead of two
+``[prompt | completion]`` rows, with the prompt computed once (:func:`prefixshare.patch`).
+
+What is overridden (TRL 1.x, verified with 1.16):
+
+* the data collator: :class:`PrefixShareDPOCollator` instead of ``DataCollatorForPreference`` (same
+  ``max_length``/``keep_start`` truncation and ``pad_to_multiple_of``; optional packing of several pairs per row);
+* ``_compute_loss``: the policy's and the reference's forward passes on the prefix-shared batch, the loss from
+  :mod:`prefixshare.losses`, and TRL's metrics computed the way TRL computes them;
+* ``compute_ref_log_probs``: the reference forward used by ``precompute_ref_log_probs=True``.
+
+Everything else (model loading, PEFT wrapping, the reference model or disabled adapters, dataset
+preparation, precomputation, logging, evaluation, saving) is TRL's code.
+
+Extra keyword arguments:
+
+* ``prefixshare_backend``: the attention kernel for prefix-shared forwards (``"eager"``, ``"sdpa"``,
+  ``"flex_attention"``); ``None`` (default) keeps the model's own.
+* ``prefixshare_max_tokens_per_row``: pack the pairs of a batch first-fit-decreasing into rows of at most this
+  many tokens (fewer, fuller rows, less padding); ``None`` (default): one pair per row.
+
+Options that prefix sharing does not cover raise ``ValueError`` in ``__init__`` rather than being ignored; see
+:data:`SUPPORTED_LOSS_TYPES` and ``docs/trl.md``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+import torch
+
+try:
+    from trl import DPOConfig, DPOTrainer
+except ImportError as error:  # pragma: no cover - depends on the environment
+    raise ImportError("prefixshare.integrations.trl needs TRL: pip install 'trl>=1.16'") from error
+
+from accelerate.utils import is_peft_model
+
+from ..collators import LAYOUT_KEY, PrefixShareCollator
+from ..lm_head import chunked_token_logps
+from ..logps import sum_per_response
+from ..losses import nll_loss, preference_loss
+from ..patch import _unwrap, patch
+
+__all__ = ["PrefixShareDPOCollator", "PrefixShareDPOTrainer", "SUPPORTED_LOSS_TYPES"]
+
+SUPPORTED_LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "sft")
+"""``DPOConfig.loss_type`` values PrefixShareDPOTrainer computes (alone or combined with ``loss_weights``; RPO is
+``loss_type=["sigmoid", "sft"], loss_weights=[1.0, alpha]``). The others raise."""
+
+PAIRED_TOKENS_KEY = "prefixshare_paired_tokens"
+"""Batch key: the number of tokens the same pairs take in TRL's paired format (prompt counted twice); TRL's
+``num_tokens`` metric counts these, so that the metric means the same thing with either trainer."""
+
+_MODEL_KEYS = ("input_ids", "position_ids", LAYOUT_KEY)
+_LOGIT_CHUNK = 1024
+
+# The DPOTrainer internals this module overrides or relies on; checked at import so that a TRL that has
+# moved them fails here rather than training wrongly.
+for _name in ("_compute_loss", "compute_ref_log_probs", "_prepare_dataset"):
+    if not callable(getattr(DPOTrainer, _name, None)):  # pragma: no cover - depends on the TRL version
+        raise ImportError(
+            f"prefixshare.integrations.trl needs TRL 1.x's DPOTrainer.{_name} (verified with trl 1.16); "
+            "this TRL does not have it"
+        )
+
+
+# ---------------------------------------------------------------------------------------------- collator
+class PrefixShareDPOCollator:
+    """TRL's tokenized preference examples -> a prefix-shared batch, the drop-in for ``DataCollatorForPreference``.
+
+    Takes examples with TRL's ``prompt_ids``, ``chosen_ids``, ``rejected_ids`` (or prefixshare's
+    ``prompt_input_ids``, ``chosen_input_ids``, ``rejected_input_ids``) and optional precomputed
+    ``ref_chosen_logps`` / ``ref_rejected_logps``. Returns the :class:`~prefixshare.PrefixShareCollator` batch
+    (``input_ids``, ``position_ids``, ``prefixshare_layout``, ``use_cache=False``) plus the reference log-probs
+    when given and :data:`PAIRED_TOKENS_KEY`.
+
+    Args:
+        pad_token_id: written into padding positions (never attended to, never scored).
+        max_length: TRL's ``max_length`` with ``truncation_mode="keep_start"``: each prompt+completion keeps its
+            first ``max_length`` tokens, i.e. completions are cut to ``max_length - len(prompt)``. (TRL drops the
+            examples whose prompt alone reaches ``max_length`` while preparing the dataset; one that still comes
+            here raises.)
+        pad_to_multiple_of: round the row length up to a multiple of this.
+        max_tokens_per_row: pack pairs into rows of at most this many tokens (see
+            :class:`~prefixshare.PrefixShareCollator`).
+    """
+
+    def __init__(
+        self,
+        pad_token_id: int,
+        max_length: int | None = None,
+        pad_to_multiple_of: int | None = None,
+        max_tokens_per_row: int | None = None,
+    ):
+        self.collator = PrefixShareCollator(
+            pad_token_id,
+            max_tokens_per_row=max_tokens_per_row,
+            pad_to_multiple_of=pad_to_multiple_of,
+            max_length=max_length,
+            truncation="truncate_responses" if max_length is not None else None,
+        )
+
+    @property
+    def pad_token_id(self) -> int:
+        return self.collator.pad_token_id
+
+    @staticmethod
+    def _ids(example: Mapping) -> dict:
+        if "prompt_ids" in example:
+            return {
+                "prompt_input_ids": example["prompt_ids"],
+                "chosen_input_ids": example["chosen_ids"],
+                "rejected_input_ids": example["rejected_ids"],
+            }
+        return example
+
+    def __call__(self, examples: Sequence[Mapping]) -> dict[str, Any]:
+        batch = dict(self.collator([self._ids(e) for e in examples]))
+        layout = batch[LAYOUT_KEY]
+        paired = sum(
+            p.unit.prompt_length * len(p.unit.response_slots) + sum(p.unit.response_lengths) for p in layout.placements
+        )
+        batch[PAIRED_TOKENS_KEY] = torch.tensor(paired)
+        for key in ("ref_chosen_logps", "ref_rejected_logps"):
+            if key in examples[0]:
+                batch[key] = torch.tensor([float(e[key]) for e in examples], dtype=torch.float32)
+        return batch
+
+
+# ---------------------------------------------------------------------------------------------- forward
+class _Responses(NamedTuple):
+    logps: torch.Tensor  # [n, 2] float32 summed log-probs (chosen, rejected)
+    num_tokens: torch.Tensor  # [n, 2] long
+    entropy: torch.Tensor | None  # [n, 2] sums over each response's tokens (no grad)
+    mean_logits: torch.Tensor | None  # [n, 2] sums of the per-token mean logit (no grad)
+    top1: torch.Tensor | None  # [n, 2] number of tokens predicted as the argmax (no grad)
+
+
+def _response_forward(model, inner, batch: Mapping, *, stats: bool) -> _Responses:
+    """One forward of a prefix-shared batch; the LM head sees only the rows that predict response tokens.
+
+    ``inner`` is the transformers model inside ``model``'s wrappers (its LM head gets a temporary hook).
+    Log-probs keep their graph; the metric statistics (TRL's entropy, mean logit and top-1 accuracy) do not.
+    """
+    layout = batch[LAYOUT_KEY]
+    lm_head = inner.get_output_embeddings()
+    if lm_head is None:
+        raise ValueError(f"{type(inner).__name__} has no output embeddings (LM head)")
+
+    def keep_predictor_rows(module, args):
+        hidden = args[0]
+        B, L, H = hidden.shape
+        if (B, L) != layout.shape:
+            raise ValueError(f"hidden states {tuple(hidden.shape)} do not match the batch layout {layout.shape}")
+        index = layout.to(hidden.device).predictor_index
+        return (hidden.reshape(B * L, H)[index].unsqueeze(0), *args[1:])
+
+    handle = lm_head.register_forward_pre_hook(keep_predictor_rows)
+    try:
+        logits = model(**{key: batch[key] for key in _MODEL_KEYS}, use_cache=False).logits[0]  # [T, V]
+    finally:
+        handle.remove()
+    on_device = layout.to(logits.device)
+    targets = batch["input_ids"].to(logits.device).reshape(-1)[on_device.target_index]
+    logps = sum_per_response(chunked_token_logps(logits, targets, _LOGIT_CHUNK), on_device)
+    if not stats:
+        return _Responses(logps, on_device.response_lengths, None, None, None)
+    T = logits.shape[0]
+    entropy = torch.empty(T, dtype=torch.float32, device=logits.device)
+    mean_logits = torch.empty_like(entropy)
+    top1 = torch.empty_like(entropy)
+    with torch.no_grad():
+        for start in range(0, T, _LOGIT_CHUNK):
+            rows = slice(start, start + _LOGIT_CHUNK)
+            z = logits[rows].detach().float()
+            log_p = torch.log_softmax(z, dim=-1)
+            entropy[rows] = -(log_p.exp() * log_p).sum(-1)
+            mean_logits[rows] = z.mean(-1)
+            top1[rows] = (z.argmax(-1) == targets[rows]).float()  # argmax: the first maximum, as TRL counts
+    return _Responses(
+        logps,
+        on_device.response_lengths,
+        sum_per_response(entropy, on_device),
+        sum_per_response(mean_logits, on_device),
+        sum_per_response(top1, on_device),
+    )
+
+
+# ---------------------------------------------------------------------------------------------- checks
+def _check_config(args: DPOConfig) -> None:
+    """Raise ValueError for DPOConfig settings PrefixShareDPOTrainer does not implement."""
+
+    def unsupported(what: str, hint: str = "") -> ValueError:
+        return ValueError(f"PrefixShareDPOTrainer does not support {what}{'; ' + hint if hint else ''}")
+
+    loss_types = list(args.loss_type)
+    others = [t for t in loss_types if t not in SUPPORTED_LOSS_TYPES]
+    if others:
+        raise unsupported(
+            f"loss_type {others}",
+            f"it supports {list(SUPPORTED_LOSS_TYPES)} (RPO: loss_type=['sigmoid', 'sft'], loss_weights=[1, alpha]); "
+            "use trl.DPOTrainer for the others",
+        )
+    if "robust" in loss_types and not 0.0 <= args.label_smoothing < 0.5:
+        raise ValueError(f"loss_type 'robust' needs label_smoothing in [0, 0.5), got {args.label_smoothing}")
+    if getattr(args, "f_divergence_type", "reverse_kl") != "reverse_kl":
+        raise unsupported(f"f_divergence_type={args.f_divergence_type!r}", "only 'reverse_kl' (standard DPO)")
+    if getattr(args, "use_weighting", False):
+        raise unsupported("use_weighting=True (WPO weights)")
+    if getattr(args, "ld_alpha", None) is not None:
+        raise unsupported("ld_alpha (LD-DPO)")
+    if getattr(args, "padding_free", False):
+        raise unsupported(
+            "padding_free=True", "prefix sharing already removes most padding; pack rows with prefixshare_max_tokens_per_row"
+        )
+    if getattr(args, "use_liger_kernel", False):
+        raise unsupported("use_liger_kernel=True")
+    if args.max_length is not None and args.truncation_mode != "keep_start":
+        raise unsupported(
+            f"truncation_mode={args.truncation_mode!r}",
+            "keep_end cuts prompt+chosen and prompt+rejected at different prompt tokens, so they no longer share one "
+            "prompt; use truncation_mode='keep_start' (TRL's default) or max_length=None",
+        )
+    if getattr(args, "torch_compile", False):
+        raise unsupported("torch_compile=True", "not verified with prefix-shared attention")
+    parallelism = getattr(args, "parallelism_config", None)
+    if parallelism is not None:
+        sizes = {name: getattr(parallelism, name, None) or 1 for name in ("tp_size", "cp_size", "sp_size")}
+        if any(size > 1 for size in sizes.values()):
+            raise unsupported(f"tensor/context/sequence parallelism ({sizes})", "data parallelism and FSDP are fine")
+
+
+def _is_prompt_learning(model, peft_config) -> bool:
+    if peft_config is not None and getattr(peft_config, "is_prompt_learning", False):
+        return True
+    configs = getattr(model, "peft_config", None)
+    return isinstance(configs, Mapping) and any(getattr(c, "is_prompt_learning", False) for c in configs.values())
+
+
+# ---------------------------------------------------------------------------------------------- trainer
+class PrefixShareDPOTrainer(DPOTrainer):
+    """TRL's ``DPOTrainer`` with prefix sharing: same arguments, plus ``prefixshare_backend`` and
+    ``prefixshare_max_tokens_per_row`` (see the module docstring).
+
+    The model (and the reference model) are patched with :func:`prefixshare.patch`; forwards without a
+    prefix-shared batch (``generate()``, your own evaluation) run the original attention.
+
+    Raises:
+        ValueError: an option prefix sharing does not cover (a loss type outside :data:`SUPPORTED_LOSS_TYPES`,
+            ``f_divergence_type``, ``use_weighting``, ``ld_alpha``, ``padding_free``, ``use_liger_kernel``,
+            ``truncation_mode='keep_end'``, ``torch_compile``, ``compute_metrics``, a data collator of another
+            kind, vision-language models or data, prompt-learning PEFT, Mixture-of-Experts auxiliary losses,
+            tensor/context/sequence parallelism).
+        prefixshare.UnsupportedModelError: an architecture :func:`prefixshare.patch` does not support.
+    """
+
+    def __init__(
+        self,
+        *args,
+        prefixshare_backend: str | None = None,
+        prefixshare_max_tokens_per_row: int | None = None,
+        **kwargs,
+    ):
+        from transformers import AutoProcessor, ProcessorMixin
+
+        bound = inspect.signature(DPOTrainer.__init__).bind(self, *args, **kwargs)
+        arguments = bound.arguments
+        model = arguments.get("model")
+        config = arguments.get("args")
+        if config is None:  # DPOTrainer's default config, made here so that it can be checked first
+            from trl.trainer.utils import get_config_model_id
+
+            name = model if isinstance(model, str) else get_config_model_id(model.config)
+            config = arguments["args"] = DPOConfig(f"{name.split('/')[-1]}-DPO")
+        _check_config(config)
+
+        if arguments.get("compute_metrics") is not None:
+            raise ValueError(
+                "PrefixShareDPOTrainer does not support compute_metrics: it would need the paired-format logits "
+                "(deprecated in TRL as well)"
+            )
+        collator = arguments.get("data_collator")
+        if collator is not None and not isinstance(collator, PrefixShareDPOCollator):
+            raise ValueError(
+                f"PrefixShareDPOTrainer needs its own collator (PrefixShareDPOCollator), got {type(collator).__name__}; "
+                "leave data_collator unset"
+            )
+        if _is_prompt_learning(model, arguments.get("peft_config")):
+            raise ValueError(
+                "PrefixShareDPOTrainer does not support prompt-learning PEFT methods (prefix/prompt tuning): their "
+                "virtual tokens do not fit the prefix-shared layout; LoRA-style adapters are fine"
+            )
+        train_dataset = arguments.get("train_dataset")
+        if train_dataset is not None:
+            first = next(iter(train_dataset))
+            if "image" in first or "images" in first:
+                raise ValueError("PrefixShareDPOTrainer does not support vision-language data (an 'image(s)' column)")
+
+        # The tokenizer: loaded as DPOTrainer loads it, and its pad token chosen as DPOTrainer chooses it (the
+        # collator is built here, so DPOTrainer skips that step).
+        processing_class = arguments.get("processing_class")
+        if processing_class is None:
+            from trl.trainer.utils import get_config_model_id
+
+            model_id = model if isinstance(model, str) else get_config_model_id(model.config)
+            revision = (config.model_init_kwargs or {}).get("revision") if isinstance(model, str) else None
+            processing_class = arguments["processing_class"] = AutoProcessor.from_pretrained(
+                model_id, revision=revision, trust_remote_code=config.trust_remote_code
+            )
+        if isinstance(processing_class, ProcessorMixin):
+            raise ValueError(
+                "PrefixShareDPOTrainer does not support vision-language models (a processor as processing_class); "
+                "pass a tokenizer"
+            )
+        if collator is None:
+            tokenizer = processing_class
+            pad_token = config.pad_token or tokenizer.pad_token or tokenizer.eos_token
+            if pad_token is None or pad_token not in tokenizer.get_vocab():
+                raise ValueError(
+                    f"the pad token {pad_token!r} is not in the vocabulary of {type(tokenizer).__name__}; set "
+                    "tokenizer.pad_token to a token it has"
+                )
+            tokenizer.pad_token = pad_token
+            arguments["data_collator"] = PrefixShareDPOCollator(
+                pad_token_id=tokenizer.pad_token_id,
+                max_length=config.max_length,
+                pad_to_multiple_of=config.pad_to_multiple_of,
+                max_tokens_per_row=prefixshare_max_tokens_per_row,
+            )
+        elif prefixshare_max_tokens_per_row is not None:
+            raise ValueError("give prefixshare_max_tokens_per_row to the PrefixShareDPOCollator you pass, not both")
+
+        self._prefixshare_backend = prefixshare_backend
+        self._prefixshare_patched: set[int] = set()
+        # Patch now what exists now (an unsupported architecture fails here); models DPOTrainer loads itself
+        # (from a name, or the reference copy) are patched on their first prefix-shared forward.
+        for m in (model, arguments.get("ref_model")):
+            if m is not None and not isinstance(m, str):
+                patch(m, backend=prefixshare_backend)
+
+        super().__init__(*bound.args[1:], **bound.kwargs)
+
+        if self.aux_loss_enabled:
+            raise ValueError("PrefixShareDPOTrainer does not support Mixture-of-Experts auxiliary losses")
+        self._prefixshare_ensure_patched(self.model)
+        if self.ref_model is not None:
+            self._prefixshare_ensure_patched(self.ref_model)
+
+    # ------------------------------------------------------------------------------------------ helpers
+    def _prefixshare_ensure_patched(self, model):
+        inner = self.accelerator.unwrap_model(model)
+        if id(inner) not in self._prefixshare_patched:
+            patch(inner, backend=self._prefixshare_backend)
+            self._prefixshare_patched.add(id(inner))
+        return _unwrap(inner)
+
+    def _prefixshare_forward(self, model, batch: Mapping, *, stats: bool) -> _Responses:
+        inner = self._prefixshare_ensure_patched(model)
+        return _response_forward(model, inner, batch, stats=stats)
+
+    def _prefixshare_adapter_context(self):
+        """DPOTrainer's reference for PEFT without a ref model: the "ref" adapter if any, else no adapter."""
+        if self.ref_model is None and is_peft_model(self.model):
+            from trl.trainer.utils import use_adapter
+
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            return use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
+        return contextlib.nullcontext()
+
+    def _prefixshare_reference(self, model, batch: Mapping) -> _Responses:
+        from trl.models.utils import disable_gradient_checkpointing
+
+        with (
+            torch.no_grad(),
+            disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
+            self._prefixshare_adapter_context(),
+        ):
+            return self._prefixshare_forward(model, batch, stats=False)
+
+    # ------------------------------------------------------------------------------------------ overrides
+    def compute_ref_log_probs(self, model, inputs):
+        """Reference log-probs of one prefix-shared batch: ``(chosen [n], rejected [n])`` (precompute path)."""
+        with self.accelerator.autocast():
+            ref = self._prefixshare_reference(model, inputs)
+        return ref.logps[:, 0], ref.logps[:, 1]
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        if return_outputs:
+            raise NotImplementedError(
+                "PrefixShareDPOTrainer computes no logits to return (compute_metrics and predict() with "
+                "prediction_loss_only=False are not supported); use prediction_loss_only=True"
+            )
+        mode = "train" if self.model.training else "eval"
+        policy = self._prefixshare_forward(model, inputs, stats=True)
+        chosen_logps, rejected_logps = policy.logps[:, 0], policy.logps[:, 1]
+        chosen_tokens, rejected_tokens = policy.num_tokens[:, 0], policy.num_tokens[:, 1]
+
+        if self.precompute_ref_logps:
+            ref_chosen_logps, ref_rejected_logps = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+        else:
+            # As DPOTrainer: the PEFT model with its adapters off (or its "ref" adapter), else the reference model.
+            ref_model = self.model if (self.ref_model is None and is_peft_model(self.model)) else self.ref_model
+            ref = self._prefixshare_reference(ref_model, inputs)
+            ref_chosen_logps, ref_rejected_logps = ref.logps[:, 0], ref.logps[:, 1]
+
+        loss = 0.0
+        for loss_type, weight in zip(self.loss_types, self.loss_weights, strict=True):
+            if loss_type == "sft":
+                # TRL's SFT term: one mean over all chosen tokens of the batch (token-weighted, not per pair)
+                summed, _ = nll_loss(chosen_logps, length_normalize=False, reduction="sum")
+                term = summed / chosen_tokens.sum()
+            else:
+                term, _ = preference_loss(
+                    loss_type,
+                    policy_chosen_logps=chosen_logps,
+                    policy_rejected_logps=rejected_logps,
+                    reference_chosen_logps=ref_chosen_logps,
+                    reference_rejected_logps=ref_rejected_logps,
+                    chosen_num_tokens=chosen_tokens,
+                    rejected_num_tokens=rejected_tokens,
+                    beta=self.beta,
+                    # TRL applies label smoothing to the robust loss only (its sigmoid ignores it)
+                    **({"label_smoothing": self.label_smoothing} if loss_type == "robust" else {}),
+                )
+            loss = loss + term * weight
+
+        self._prefixshare_log_metrics(mode, inputs, policy, ref_chosen_logps, ref_rejected_logps)
+        return loss
+
+    def _prefixshare_log_metrics(self, mode, inputs, policy: _Responses, ref_chosen_logps, ref_rejected_logps):
+        """DPOTrainer's metrics, the same names and definitions, from the prefix-shared statistics."""
+        gather, gather_for_metrics = self.accelerator.gather, self.accelerator.gather_for_metrics
+        metrics = self._metrics[mode]
+
+        def ratio(numerator, denominator) -> float:
+            total = gather_for_metrics(denominator).sum()
+            return (gather_for_metrics(numerator).sum() / total).item() if total > 0 else 0.0
+
+        num_tokens = policy.num_tokens
+        metrics["entropy"].append(ratio(policy.entropy.sum(), num_tokens.sum()))
+        if mode == "train":
+            paired = gather_for_metrics(inputs[PAIRED_TOKENS_KEY].to(self.accelerator.device)).sum().item()
+            self._total_train_tokens += paired // self._tp_size
+        metrics["num_tokens"] = [self._total_train_tokens]
+        metrics["logits/chosen"].append(ratio(policy.mean_logits[:, 0].sum(), num_tokens[:, 0].sum()))
+        metrics["logits/rejected"].append(ratio(policy.mean_logits[:, 1].sum(), num_tokens[:, 1].sum()))
+        metrics["mean_token_accuracy"].append(ratio(policy.top1[:, 0].sum(), num_tokens[:, 0].sum()))
+
+        chosen_logps, rejected_logps = policy.logps[:, 0].detach(), policy.logps[:, 1].detach()
+        chosen_rewards = self.beta * (chosen_logps - ref_chosen_logps.detach())
+        rejected_rewards = self.beta * (rejected_logps - ref_rejected_logps.detach())
+        metrics["rewards/chosen"].append(gather(chosen_rewards).mean().item())
+        metrics["rewards/rejected"].append(gather(rejected_rewards).mean().item())
+        metrics["rewards/accuracies"].append(gather((chosen_rewards > rejected_rewards).float()).mean().item())
+        metrics["rewards/margins"].append(gather(chosen_rewards - rejected_rewards).mean().item())
+        metrics["logps/chosen"].append(gather(chosen_logps).mean().item())
+        metrics["logps/rejected"].append(gather(rejected_logps).mean().item())

@@ -1,0 +1,243 @@
+"""PrefixShareDPOTrainer against TRL's own DPOTrainer: same data, seed and optimizer, same per-step numbers.
+
+Each comparison trains a tiny Llama (prefixshare.tiny, no dropout) for 3 optimizer steps of 4 pairs with both
+trainers and compares every logged value at every step.
+
+Tolerance: relative 1e-4, absolute 1e-5 (and exact equality for counts: num_tokens, rewards/accuracies,
+mean_token_accuracy, step, epoch, learning_rate). Both trainers compute the same float32 math; they differ only
+in summation order: attention over a prompt shared by two responses instead of two padded rows, the LM head on
+the gathered response rows with a log-softmax instead of TRL's chunked online-logsumexp kernel. That is ~1e-7
+relative per value and stays ~1e-7 over three steps here (observed: at most ~4e-6 absolute on log-probs of
+magnitude ~40, ~3e-7 on rewards). The rewards are beta * (policy - reference) differences of nearly equal sums,
+hence the absolute bound.
+
+The optimizer is TRL's default AdamW with ``adam_epsilon=1e-6`` instead of 1e-8. Some gradient directions are
+exactly zero in exact arithmetic (the first response token is often the same for chosen and rejected, e.g. a
+space: its log-prob enters both sides of the DPO margin and cancels), so both trainers see float32 rounding noise
+there (~1e-10), and AdamW's m / (sqrt(v) + eps) turns noise of any size into a full learning-rate step whose sign
+is the noise's. Two correct implementations then drift apart by ~lr along those directions (seen: 6e-4 on
+log-probs after two steps, while loss and margins agree to 1e-7). eps=1e-6 leaves real gradients' steps as they
+are and keeps noise at noise size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import pytest
+
+trl = pytest.importorskip("trl")
+datasets = pytest.importorskip("datasets")
+
+from trl import DPOConfig, DPOTrainer  # noqa: E402
+
+from prefixshare import UnsupportedModelError, is_patched  # noqa: E402
+from prefixshare.data import load_toy_preferences, toy_tokenizer  # noqa: E402
+from prefixshare.integrations.trl import PrefixShareDPOCollator, PrefixShareDPOTrainer  # noqa: E402
+from prefixshare.tiny import tiny_model  # noqa: E402
+
+RTOL, ATOL = 1e-4, 1e-5
+EXACT = {"num_tokens", "rewards/accuracies", "mean_token_accuracy", "step", "epoch", "learning_rate"}
+
+ROWS = load_toy_preferences()[:12]  # 3 steps of 4 pairs, one epoch
+EVAL_ROWS = load_toy_preferences()[100:104]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return toy_tokenizer()
+
+
+def dataset(rows, tag):
+    # The tag changes the dataset's fingerprint, so that TRL's precomputed reference log-probs (cached by
+    # fingerprint) are computed by each trainer rather than reused from the other one's run.
+    return datasets.Dataset.from_list(rows).add_column("run", [tag] * len(rows))
+
+
+def config(tmp_path, **overrides):
+    values = dict(
+        output_dir=str(tmp_path),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=4,
+        learning_rate=1e-3,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        bf16=False,
+        use_cpu=True,
+        seed=0,
+        max_length=128,
+        disable_tqdm=True,
+        adam_epsilon=1e-6,
+    )
+    values.update(overrides)
+    return DPOConfig(**values)
+
+
+def model(tokenizer):
+    return tiny_model("llama", vocab_size=len(tokenizer)).train()
+
+
+def train(cls, tokenizer, tmp_path, *, reference="model", evaluate=False, trainer_kwargs=None, **overrides):
+    """Train 3 steps; return (per-step logs, eval metrics or None, trainer)."""
+    kwargs = dict(trainer_kwargs or {})
+    if reference == "model":
+        kwargs["ref_model"] = tiny_model("llama", vocab_size=len(tokenizer))
+    elif reference == "lora":
+        from peft import LoraConfig
+
+        kwargs["peft_config"] = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "up_proj"])
+    if evaluate:
+        kwargs["eval_dataset"] = dataset(EVAL_ROWS, cls.__name__)
+    trainer = cls(
+        model=model(tokenizer),
+        args=config(tmp_path / cls.__name__, **overrides),
+        train_dataset=dataset(ROWS, cls.__name__),
+        processing_class=tokenizer,
+        **kwargs,
+    )
+    assert len(trainer.train_dataset) == len(ROWS)  # no prompt was long enough for TRL to drop it
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry and "train_runtime" not in entry]
+    return logs, (trainer.evaluate() if evaluate else None), trainer
+
+
+def assert_same(ours: dict, theirs: dict, where: str):
+    assert set(ours) == set(theirs), f"{where}: metric names differ: {sorted(set(ours) ^ set(theirs))}"
+    for key, want in theirs.items():
+        got = ours[key]
+        if key in EXACT or not isinstance(want, float):
+            assert got == want, f"{where} {key}: {got} != {want}"
+        else:
+            assert math.isfinite(got) and got == pytest.approx(want, rel=RTOL, abs=ATOL), f"{where} {key}: {got} vs {want}"
+
+
+def assert_logs_match(ours, theirs):
+    assert len(ours) == len(theirs) == 3
+    for step, (a, b) in enumerate(zip(ours, theirs), 1):
+        assert_same(a, b, f"step {step}")
+    assert any(abs(entry["rewards/margins"]) > 1e-3 for entry in theirs[1:])  # training moved the policy
+
+
+# ---------------------------------------------------------------------------------------------- equality with TRL
+def test_sigmoid_with_reference_model_matches_trl(tokenizer, tmp_path):
+    theirs, their_eval, _ = train(DPOTrainer, tokenizer, tmp_path, evaluate=True)
+    ours, our_eval, trainer = train(PrefixShareDPOTrainer, tokenizer, tmp_path, evaluate=True)
+    assert_logs_match(ours, theirs)
+    for key in ("eval_runtime", "eval_samples_per_second", "eval_steps_per_second"):
+        their_eval.pop(key), our_eval.pop(key)
+    assert_same(our_eval, their_eval, "evaluate()")
+    assert is_patched(trainer.model) and is_patched(trainer.ref_model)
+    assert isinstance(trainer.data_collator, PrefixShareDPOCollator)
+
+    # packing several pairs per row changes nothing but rounding
+    packed, _, trainer = train(
+        PrefixShareDPOTrainer, tokenizer, tmp_path, trainer_kwargs={"prefixshare_max_tokens_per_row": 200}
+    )
+    assert_logs_match(packed, theirs)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    assert batch["input_ids"].shape[0] < 4  # the 4 pairs really shared rows
+
+
+def test_ipo_with_reference_model_matches_trl(tokenizer, tmp_path):
+    theirs, _, _ = train(DPOTrainer, tokenizer, tmp_path, loss_type=["ipo"], beta=0.5)
+    ours, _, _ = train(PrefixShareDPOTrainer, tokenizer, tmp_path, loss_type=["ipo"], beta=0.5)
+    assert_logs_match(ours, theirs)
+
+
+def test_combined_losses_match_trl(tokenizer, tmp_path):
+    # robust with label smoothing, hinge and the SFT (RPO) term, weighted
+    options = dict(loss_type=["robust", "hinge", "sft"], loss_weights=[1.0, 0.5, 0.2], label_smoothing=0.1)
+    theirs, _, _ = train(DPOTrainer, tokenizer, tmp_path, **options)
+    ours, _, _ = train(PrefixShareDPOTrainer, tokenizer, tmp_path, **options)
+    assert_logs_match(ours, theirs)
+
+
+def test_lora_with_disabled_adapters_matches_trl(tokenizer, tmp_path):
+    pytest.importorskip("peft")
+    theirs, _, _ = train(DPOTrainer, tokenizer, tmp_path, reference="lora", learning_rate=1e-2)
+    ours, _, trainer = train(PrefixShareDPOTrainer, tokenizer, tmp_path, reference="lora", learning_rate=1e-2)
+    assert trainer.ref_model is None
+    assert_logs_match(ours, theirs)
+
+
+def test_precomputed_reference_matches_trl(tokenizer, tmp_path, monkeypatch):
+    calls = []
+    original = PrefixShareDPOTrainer.compute_ref_log_probs
+
+    def spy(self, model, inputs):
+        calls.append(inputs["input_ids"].shape)
+        return original(self, model, inputs)
+
+    monkeypatch.setattr(PrefixShareDPOTrainer, "compute_ref_log_probs", spy)
+    theirs, _, their_trainer = train(DPOTrainer, tokenizer, tmp_path, reference=None, precompute_ref_log_probs=True)
+    ours, _, trainer = train(PrefixShareDPOTrainer, tokenizer, tmp_path, reference=None, precompute_ref_log_probs=True)
+    assert calls, "the reference log-probs were not computed by PrefixShareDPOTrainer"
+    assert trainer.ref_model is None
+    for key in ("ref_chosen_logps", "ref_rejected_logps"):
+        assert trainer.train_dataset[key] == pytest.approx(their_trainer.train_dataset[key], rel=1e-5)
+    assert_logs_match(ours, theirs)
+
+
+# ---------------------------------------------------------------------------------------------- what raises
+UNSUPPORTED = [
+    (dict(loss_type=["exo_pair"], label_smoothing=1e-3), "loss_type"),
+    (dict(loss_type=["sigmoid", "apo_zero"]), "loss_type"),
+    (dict(loss_type=["robust"], label_smoothing=0.5), "label_smoothing"),
+    (dict(f_divergence_type="forward_kl"), "f_divergence_type"),
+    (dict(use_weighting=True), "use_weighting"),
+    (dict(ld_alpha=0.5), "ld_alpha"),
+    (dict(padding_free=True), "padding_free"),
+    (dict(use_liger_kernel=True), "use_liger_kernel"),
+    (dict(truncation_mode="keep_end"), "truncation_mode"),
+]
+
+
+@pytest.mark.parametrize("overrides, match", UNSUPPORTED, ids=[m + str(i) for i, (_, m) in enumerate(UNSUPPORTED)])
+def test_unsupported_options_raise(tokenizer, tmp_path, overrides, match):
+    with pytest.warns(FutureWarning) if "truncation_mode" in overrides else contextlib.nullcontext():
+        args = config(tmp_path, **overrides)
+    with pytest.raises(ValueError, match=match):
+        PrefixShareDPOTrainer(model=model(tokenizer), args=args, train_dataset=dataset(ROWS, "x"), processing_class=tokenizer)
+
+
+def test_unsupported_trainer_arguments_raise(tokenizer, tmp_path):
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    common = dict(args=config(tmp_path), processing_class=tokenizer)
+    rows = dataset(ROWS, "x")
+    with pytest.raises(ValueError, match="compute_metrics"):
+        PrefixShareDPOTrainer(model(tokenizer), train_dataset=rows, compute_metrics=lambda p: {}, **common)
+    with pytest.raises(ValueError, match="collator"):
+        PrefixShareDPOTrainer(
+            model(tokenizer), train_dataset=rows, data_collator=DataCollatorForPreference(pad_token_id=0), **common
+        )
+    with pytest.raises(ValueError, match="vision"):
+        PrefixShareDPOTrainer(model(tokenizer), train_dataset=rows.add_column("images", [[]] * len(ROWS)), **common)
+    peft = pytest.importorskip("peft")
+    with pytest.raises(ValueError, match="prompt-learning"):
+        PrefixShareDPOTrainer(
+            model(tokenizer),
+            train_dataset=rows,
+            peft_config=peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
+            **common,
+        )
+
+
+def test_unsupported_architecture_raises(tokenizer, tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=len(tokenizer)))
+    with pytest.raises(UnsupportedModelError):
+        PrefixShareDPOTrainer(
+            gpt2, args=config(tmp_path), train_dataset=dataset(ROWS, "x"), processing_class=tokenizer,
+            ref_model=GPT2LMHeadModel(gpt2.config),
+        )
+
+
+def test_collator_rejects_prompts_that_fill_max_length():
+    collator = PrefixShareDPOCollator(pad_token_id=0, max_length=4)
+    with pytest.raises(ValueError, match="no response token would remain"):
+        collator([{"prompt_ids": [5, 6, 7, 8], "chosen_ids": [9], "rejected_ids": [10]}])
