@@ -65,7 +65,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data", default=None, help="a JSON-lines file of {prompt, chosen, rejected} (default: toy data)")
     p.add_argument("--max-examples", type=int, default=None, help="use only the first N examples")
     p.add_argument("--attn", default="sdpa", choices=("eager", "sdpa", "flex_attention"), help="prefix-shared backend")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="the weights' dtype")
+    p.add_argument(
+        "--mixed-precision",
+        action="store_true",
+        help="FSDP2: float32 weights, bfloat16 compute, float32 gradient reduction (MixedPrecisionPolicy)",
+    )
     p.add_argument("--lora", action="store_true", help="train LoRA adapters; the reference is the model with them off")
     p.add_argument("--lora-r", type=int, default=8)
     p.add_argument("--lora-alpha", type=int, default=16)
@@ -243,15 +248,20 @@ def parallelize(args, policy, reference, d: Dist):
         from torch.distributed.fsdp import fully_shard
 
         mesh = init_device_mesh(d.device.type, (d.world,))
+        options = {"mesh": mesh}
+        if args.mixed_precision:
+            from torch.distributed.fsdp import MixedPrecisionPolicy
+
+            options["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         for layer in decoder_layers(policy):
-            fully_shard(layer, mesh=mesh)
-        fully_shard(policy, mesh=mesh)  # the root: embeddings, final norm, LM head
+            fully_shard(layer, **options)
+        fully_shard(policy, **options)  # the root: embeddings, final norm, LM head
         if reference is not None:  # sharded the same way; it only runs forward (no_grad, eval)
             for layer in decoder_layers(reference):
-                fully_shard(layer, mesh=mesh)
+                fully_shard(layer, **options)
             # a root keeps its parameters gathered after forward, for the backward to come; the reference
             # has none, so let its root reshard too (else its embeddings and LM head stay whole)
-            fully_shard(reference, mesh=mesh, reshard_after_forward=True)
+            fully_shard(reference, reshard_after_forward=True, **options)
         force_sum = args.force_sum_reduction
         if d.device.type == "cpu" and not force_sum and not gloo_avg_averages():
             force_sum = True  # pytorch issue 162338: gloo's AVG summed; let FSDP2 divide by itself
