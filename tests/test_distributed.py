@@ -41,6 +41,14 @@ WORLD = 2
 DEADLINE_S = 300  # the whole torchrun; a hang (a collective waiting forever) fails instead of stalling CI
 RTOL, ATOL = 1e-5, 1e-6
 
+pytestmark = [
+    pytest.mark.slow,  # about a minute: two fresh processes import torch and transformers
+    pytest.mark.skipif(
+        not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+        reason="needs torch.distributed with gloo",
+    ),
+]
+
 COMMON = [
     "--max-examples", "48", "--max-tokens-per-row", "256", "--rows-per-batch", "2",
     "--max-steps", "3", "--optimizer", "sgd", "--lr", "0.1", "--max-grad-norm", "1.0",
