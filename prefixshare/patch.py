@@ -160,7 +160,7 @@ def _remove_hook(module, hooks_attribute: str, function) -> None:
 
 # ---------------------------------------------------------------------------------------------- public
 def _unwrap(model):
-    """The transformers model inside DDP / FSDP1 / PEFT wrappers (FSDP2 keeps the class, nothing to unwrap)."""
+    """The transformers model inside DDP / FSDP1 / DeepSpeed / PEFT wrappers (FSDP2 keeps the class)."""
     seen = set()
     while id(model) not in seen:
         seen.add(id(model))
@@ -168,6 +168,7 @@ def _unwrap(model):
             model = model.get_base_model()
         elif isinstance(model, torch.nn.parallel.DistributedDataParallel) or type(model).__name__ in (
             "FullyShardedDataParallel",
+            "DeepSpeedEngine",
         ):
             model = model.module
     return model
