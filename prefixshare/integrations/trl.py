@@ -329,7 +329,7 @@ class PrefixShareDPOTrainer(DPOTrainer):
             )
         if collator is None:
             tokenizer = processing_class
-            pad_token = config.pad_token or tokenizer.pad_token or tokenizer.eos_token
+            pad_token = getattr(config, "pad_token", None) or tokenizer.pad_token or tokenizer.eos_token
             if pad_token is None or pad_token not in tokenizer.get_vocab():
                 raise ValueError(
                     f"the pad token {pad_token!r} is not in the vocabulary of {type(tokenizer).__name__}; set "
