@@ -14,6 +14,7 @@ from .losses import LOSSES, REFERENCE_FREE, preference_loss
 from .packing import first_fit_decreasing
 from .patch import is_patched, patch, patched_backend, unpatch
 from .sampler import TokenBudgetBatchSampler
+from .tokenization import tokenize_preference
 
 __version__ = "0.1.0"
 
@@ -38,4 +39,5 @@ __all__ = [
     "preference_loss",
     "response_logps",
     "split_logps",
+    "tokenize_preference",
 ]
