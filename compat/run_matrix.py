@@ -1,0 +1,659 @@
+#!/usr/bin/env python
+"""The compatibility matrix: does prefix sharing give the same numbers as the plain model?
+
+Every cell is one (architecture, backend, adapter, packing, dtype). For each cell a tiny random model of
+the architecture is built from its config (prefixshare.tiny), wrapped in the adapter, deep-copied, and the
+COPY is patched with ``prefixshare.patch(copy, backend=...)``. Then
+:func:`prefixshare.testing.compare_with_alone` compares
+
+* the per-response log-probs of one prefix-shared forward of the patched copy, and
+* the gradients of every trainable parameter of ``sum(w * logps)`` (fixed random ``w``)
+
+with the same quantities when every prompt+response is run ALONE (batch of one, no padding) through the
+unpatched reference. The error is normwise relative, ``max |x - ref| / max |ref|``, worst parameter for
+gradients.
+
+Axes:
+    architecture  llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3 (prefixshare.tiny)
+    backend       eager, sdpa, flex_attention
+    adapter       full (every parameter trainable), lora (peft LoRA, r=4, non-zero B), qlora (the tiny
+                  checkpoint saved and loaded back in 4-bit NF4 with bitsandbytes, then LoRA)
+    packing       unpacked (PrefixShareCollator, one example per row), packed (PrefixShareCollator with a
+                  max_tokens_per_row that puts several examples in one row), paired-packed (PairedCollator,
+                  the classic one-sequence-per-response format, packed)
+    dtype         float32, bfloat16 (bfloat16 on CUDA only)
+
+Usage::
+
+    python compat/run_matrix.py --out compat/MATRIX.md            # every cell this machine can run
+    python compat/run_matrix.py --quick                            # a representative subset, table to stdout
+    python compat/run_matrix.py --arch gemma2 --backend eager,flex_attention --json cells.json
+
+The exit status is 1 when a cell that ran failed, so CI can call the script directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import transformers
+
+try:
+    import prefixshare
+except ImportError:  # run from a checkout that is not installed
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    import prefixshare
+
+from prefixshare._compat import DTYPE_KWARG
+from prefixshare.collators import PairedCollator, PrefixShareCollator
+from prefixshare.testing import compare_with_alone, random_examples
+from prefixshare.tiny import ARCHITECTURE_NAMES, tiny_config, tiny_model
+
+# ---------------------------------------------------------------------------------------------- the axes
+ARCHITECTURES = ARCHITECTURE_NAMES
+BACKENDS = ("eager", "sdpa", "flex_attention")
+ADAPTERS = ("full", "lora", "qlora")
+PACKINGS = ("unpacked", "packed", "paired-packed")
+DTYPES = ("float32", "bfloat16")
+
+# --quick: full attention (llama), softcap + alternating windows (gemma2), 5:1 windows + q/k norm (gemma3)
+QUICK = dict(architectures=("llama", "gemma2", "gemma3"), packings=("unpacked", "packed"))
+
+# relative tolerances (log-probs, gradients); why bfloat16's are what they are: see BF16_RATIONALE
+TOLERANCE = {"float32": (1e-5, 1e-5), "bfloat16": (1e-2, 1e-1)}
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+# states
+PASS = "pass"
+PASS_LOGPS_ONLY = "pass (log-probs only; gradients need a GPU)"
+FAIL = "fail"
+ERROR = "error"
+NOT_RUN = "not run"
+NOT_SUPPORTED = "not supported"
+RAN_OK = (PASS, PASS_LOGPS_ONLY)
+
+# reasons
+REASON_FLEX_CPU = "needs a GPU (FlexAttention has no backward on CPU)"
+REASON_BF16 = "needs a GPU (bfloat16 cells run on CUDA only)"
+REASON_GEMMA2_SDPA = "not supported: sdpa cannot apply Gemma2's attention softcap (use eager or flex)"
+
+# the unpatched reference runs every example alone with this kernel. FlexAttention's reference is eager:
+# transformers' own (unpatched) flex_attention compiles one kernel per sequence length, ~45 s each on CPU.
+REFERENCE_KERNEL = {"eager": "eager", "sdpa": "sdpa", "flex_attention": "eager"}
+
+BF16_RATIONALE = (
+    "Why: bfloat16 keeps 8 significant bits (a rounding step of 2^-8 = 4e-3). The prefix-shared forward is "
+    "the same mathematics as the runs alone computed in differently shaped tensors (one packed row instead "
+    "of separate sequences, another mask, other kernel tilings and reduction orders), so every layer rounds "
+    "differently; the differences add up over the layers and the backward pass, and a parameter's gradient "
+    "sums many such terms and is stored in bfloat16. Measured on these tiny models (bfloat16 forced on "
+    "CPU, eager and sdpa, full and LoRA): prefix-shared vs alone, both bfloat16, differ by up to 4e-4 on "
+    "log-probs and 4e-2 on gradients, and the runs alone in bfloat16 differ from the same runs in float32 "
+    "by up to 1.4e-3 and 6.7e-2: that much is bfloat16 itself. Deliberately broken attention rules (the "
+    "rejected response seeing the chosen one, a sliding window dropped or one token too wide) give at "
+    "least 2.8e-2 on log-probs and 0.75 on gradients, so the bfloat16 tolerances sit between the two. "
+    "The bfloat16 cells check dtype handling (mask fill values, softmax precision, casts); the exactness "
+    "of the attention rule is what the float32 cells check, at 1e-5."
+)
+
+DTYPE_OF = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class Cell:
+    architecture: str
+    backend: str
+    adapter: str
+    packing: str
+    dtype: str
+    state: str = NOT_RUN
+    reason: str = ""
+    logps_error: float | None = None
+    grad_error: float | None = None
+    worst_parameter: str | None = None
+    num_parameters: int = 0
+    logps_tolerance: float | None = None
+    grad_tolerance: float | None = None
+    batch_shape: tuple[int, int] | None = None
+    seconds: float = 0.0
+
+    @property
+    def key(self) -> tuple[str, str, str, str, str]:
+        return (self.architecture, self.backend, self.adapter, self.packing, self.dtype)
+
+
+@dataclass
+class Settings:
+    device: str
+    num_examples: int = 3
+    seed: int = 0
+    lora_rank: int = 4
+    # tiny models gain nothing from intra-op threads, and on a busy machine they lose a lot (100x on 2 cores)
+    threads: int | None = 1
+    workdir: str = field(default_factory=lambda: tempfile.mkdtemp(prefix="prefixshare_matrix_"))
+
+
+# ---------------------------------------------------------------------------------------------- data
+def make_examples(settings: Settings) -> list[dict]:
+    vocab_size = tiny_config("llama").vocab_size  # every tiny config has the same vocabulary
+    return random_examples(settings.num_examples, vocab_size, seed=settings.seed)
+
+
+def packing_budget(lengths: list[int]) -> int:
+    """A ``max_tokens_per_row`` that fits the longest unit, makes the two shortest share a row and halves the rows."""
+    ordered = sorted(lengths)
+    return max(ordered[-1], ordered[0] + ordered[1], -(-sum(ordered) // 2))
+
+
+def make_collator(packing: str, examples: list[dict]):
+    if packing == "unpacked":
+        return PrefixShareCollator(pad_token_id=0)
+    collator_class = PairedCollator if packing == "paired-packed" else PrefixShareCollator
+    budget = packing_budget(collator_class(pad_token_id=0).unit_lengths(examples))
+    return collator_class(pad_token_id=0, max_tokens_per_row=budget)
+
+
+def describe_packings(examples: list[dict], packings) -> dict[str, str]:
+    """One line per packing for the header: how many units in how many rows."""
+    lines = {}
+    for packing in packings:
+        collator = make_collator(packing, examples)
+        batch = collator(examples)
+        units = len(collator.unit_lengths(examples))
+        rows, length = batch["input_ids"].shape
+        what = "sequences" if packing == "paired-packed" else "examples"
+        budget = f", max_tokens_per_row={collator.max_tokens_per_row}" if collator.max_tokens_per_row else ""
+        lines[packing] = f"{type(collator).__name__}: {units} {what} in {rows} rows of {length} tokens{budget}"
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------- models
+def lora_config(settings: Settings):
+    from peft import LoraConfig
+
+    # init_lora_weights=False: B is random, not zero, so the adapter changes the output and A gets gradients
+    return LoraConfig(
+        r=settings.lora_rank,
+        lora_alpha=2 * settings.lora_rank,
+        target_modules=LORA_TARGETS,
+        lora_dropout=0.0,
+        init_lora_weights=False,
+    )
+
+
+def add_lora(model, settings: Settings):
+    from peft import get_peft_model
+
+    torch.manual_seed(settings.seed + 1)  # the same adapter weights every time
+    return get_peft_model(model, lora_config(settings))
+
+
+def tiny_checkpoint(architecture: str, settings: Settings) -> str:
+    """The tiny float32 model of ``architecture`` saved with save_pretrained (once per run)."""
+    path = os.path.join(settings.workdir, architecture)
+    if not os.path.exists(os.path.join(path, "config.json")):
+        tiny_model(architecture, seed=settings.seed).save_pretrained(path)
+    return path
+
+
+def load_4bit(architecture: str, kernel: str, dtype: torch.dtype, settings: Settings):
+    """The user's QLoRA path: from_pretrained(checkpoint, quantization_config=4-bit NF4)."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_checkpoint(architecture, settings),
+        quantization_config=quantization,
+        attn_implementation=kernel,
+        device_map={"": settings.device},
+        **{DTYPE_KWARG: dtype},
+    )
+    return model.eval()
+
+
+def build_reference(architecture: str, backend: str, adapter: str, dtype: torch.dtype, settings: Settings):
+    """The unpatched model of one cell (adapter applied, on the device, eval mode)."""
+    kernel = REFERENCE_KERNEL[backend]
+    if adapter == "qlora":
+        model = add_lora(load_4bit(architecture, kernel, dtype, settings), settings)
+    else:
+        model = tiny_model(architecture, attn_implementation=kernel, dtype=dtype, seed=settings.seed)
+        model = model.to(settings.device)
+        if adapter == "lora":
+            model = add_lora(model, settings)
+    model.to(settings.device)
+    return model.eval()
+
+
+def clone(reference, rebuild):
+    """A deep copy of ``reference``; if one cannot be made (a quantized model), rebuild it and copy the adapter."""
+    try:
+        return copy.deepcopy(reference)
+    except Exception:  # noqa: BLE001 - any failure of deepcopy: fall back to loading the checkpoint again
+        from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+        twin = rebuild()
+        set_peft_model_state_dict(twin, get_peft_model_state_dict(reference))
+        return twin
+
+
+# ---------------------------------------------------------------------------------------------- cells
+def _softcap_refused(architecture: str, dtype: torch.dtype, settings: Settings) -> tuple[bool, str]:
+    """patch(model, backend='sdpa') on a softcapped model must raise a ValueError that says so.
+
+    (transformers itself refuses to load Gemma2 with attn_implementation='sdpa', so the model is loaded eager.)
+    """
+    model = tiny_model(architecture, attn_implementation="eager", dtype=dtype, seed=settings.seed)
+    try:
+        prefixshare.patch(model, backend="sdpa")
+    except ValueError as error:
+        message = str(error)
+        if "softcap" in message and "eager" in message:
+            return True, message
+        return False, f"patch raised a ValueError that does not explain the softcap: {message}"
+    return False, "patch(model, backend='sdpa') accepted a model with an attention logit softcap"
+
+
+def _flex_backward_missing(error: BaseException) -> bool:
+    return isinstance(error, NotImplementedError) and "backward" in str(error) and "CPU" in str(error)
+
+
+def run_group(architecture, backend, adapter, dtype_name, packings, examples, settings, log=print) -> list[Cell]:
+    """Every packing of one (architecture, backend, adapter, dtype): the models are built once."""
+    start = time.perf_counter()
+    cells = _run_group(architecture, backend, adapter, dtype_name, packings, examples, settings)
+    states = "  ".join(f"{c.packing}={c.state.split(' (')[0]}" for c in cells)
+    seconds = time.perf_counter() - start
+    log(f"  {architecture:8s} {backend:15s} {adapter:6s} {dtype_name:9s} {states}  ({seconds:.1f}s)")
+    return cells
+
+
+def _run_group(architecture, backend, adapter, dtype_name, packings, examples, settings) -> list[Cell]:
+    logps_tolerance, grad_tolerance = TOLERANCE[dtype_name]
+    cells = [
+        Cell(architecture, backend, adapter, packing, dtype_name, logps_tolerance=logps_tolerance,
+             grad_tolerance=grad_tolerance)
+        for packing in packings
+    ]
+    dtype = DTYPE_OF[dtype_name]
+    on_cuda = settings.device.startswith("cuda")
+
+    def finish(state, reason=""):
+        for cell in cells:
+            cell.state, cell.reason = state, reason
+        return cells
+
+    if backend == "sdpa" and getattr(tiny_config(architecture), "attn_logit_softcapping", None) is not None:
+        try:
+            refused, message = _softcap_refused(architecture, torch.float32, settings)
+        except Exception as error:  # noqa: BLE001
+            refused, message = False, f"{type(error).__name__}: {error}"
+        return finish(NOT_SUPPORTED, REASON_GEMMA2_SDPA) if refused else finish(FAIL, message)
+    if dtype == torch.bfloat16 and not on_cuda:
+        return finish(NOT_RUN, REASON_BF16)
+
+    try:
+        reference = build_reference(architecture, backend, adapter, dtype, settings)
+        patched = clone(reference, lambda: build_reference(architecture, backend, adapter, dtype, settings))
+        prefixshare.patch(patched, backend=backend)
+        if prefixshare.is_patched(reference):
+            return finish(FAIL, "patching the copy also patched the reference")
+        if prefixshare.patched_backend(patched) != backend:
+            return finish(FAIL, f"patched_backend() is {prefixshare.patched_backend(patched)!r}, not {backend!r}")
+    except Exception as error:  # noqa: BLE001 - report, don't stop the matrix
+        return finish(ERROR, f"building the models: {type(error).__name__}: {error}")
+
+    gradients = True
+    for cell in cells:
+        t0 = time.perf_counter()
+        try:
+            collator = make_collator(cell.packing, examples)
+            cell.batch_shape = tuple(collator(examples)["input_ids"].shape)
+            try:
+                result = compare_with_alone(reference, patched, examples, collator, gradients=gradients)
+            except NotImplementedError as error:
+                if not (gradients and backend == "flex_attention" and _flex_backward_missing(error)):
+                    raise
+                gradients = False  # FlexAttention forward-only off CUDA: compare the log-probs
+                result = compare_with_alone(reference, patched, examples, collator, gradients=False)
+            cell.logps_error, cell.grad_error = result.logps_error, result.grad_error
+            cell.worst_parameter, cell.num_parameters = result.worst_parameter, result.num_parameters
+            reason = _failure_reason(result, logps_tolerance, grad_tolerance)
+            if reason:
+                cell.state, cell.reason = FAIL, reason
+            elif gradients:
+                cell.state = PASS
+            else:
+                cell.state, cell.reason = PASS_LOGPS_ONLY, REASON_FLEX_CPU
+        except Exception as error:  # noqa: BLE001
+            cell.state, cell.reason = ERROR, f"{type(error).__name__}: {error}"
+        cell.seconds = time.perf_counter() - t0
+    return cells
+
+
+def _failure_reason(result, logps_tolerance, grad_tolerance) -> str:
+    """Empty when the comparison is within tolerance (NaN counts as a failure)."""
+    parts = []
+    if not result.logps_error <= logps_tolerance:
+        parts.append(f"log-prob error {result.logps_error:.1e} > {logps_tolerance:g}")
+    if result.grad_error is not None and not result.grad_error <= grad_tolerance:
+        parts.append(f"gradient error {result.grad_error:.1e} > {grad_tolerance:g} on {result.worst_parameter}")
+    return " and ".join(parts)
+
+
+def run_matrix(
+    architectures=ARCHITECTURES,
+    backends=BACKENDS,
+    adapters=ADAPTERS,
+    packings=PACKINGS,
+    dtypes=DTYPES,
+    settings: Settings | None = None,
+    log=print,
+) -> list[Cell]:
+    """Run every cell of the product; returns the cells in table order."""
+    settings = settings or Settings(device=default_device())
+    transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars of the QLoRA loads
+    examples = make_examples(settings)
+    cells = []
+    threads = torch.get_num_threads()
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    try:
+        for dtype_name in dtypes:
+            for architecture in architectures:
+                for adapter in adapters:
+                    for backend in backends:
+                        group = (architecture, backend, adapter, dtype_name, packings, examples, settings, log)
+                        cells += run_group(*group)
+    finally:
+        torch.set_num_threads(threads)
+        shutil.rmtree(settings.workdir, ignore_errors=True)
+    return cells
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# ---------------------------------------------------------------------------------------------- report
+def machine_description(device: str) -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    text = f"CPU, {cpu}, {cores} cores"
+    if device.startswith("cuda"):
+        text = f"GPU, {torch.cuda.get_device_name(torch.device(device))}; host {text}"
+    return text
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version(), "torch": torch.__version__}
+    for name in ("transformers", "peft", "bitsandbytes"):
+        try:
+            found[name] = __import__(name).__version__
+        except Exception:  # noqa: BLE001
+            found[name] = "not installed"
+    found["prefixshare"] = prefixshare.__version__
+    return found
+
+
+def _fmt(x: float | None) -> str:
+    return "–" if x is None else ("0" if x == 0 else f"{x:.0e}")
+
+
+NOTE_MARKS = {REASON_FLEX_CPU: "[a]", REASON_BF16: "[b]", REASON_GEMMA2_SDPA: "[c]"}
+
+
+def cell_text(cell: Cell) -> str:
+    mark = NOTE_MARKS.get(cell.reason, "")
+    if cell.state == PASS:
+        return f"pass {_fmt(cell.logps_error)} / {_fmt(cell.grad_error)}"
+    if cell.state == PASS_LOGPS_ONLY:
+        return f"pass, log-probs only {mark} {_fmt(cell.logps_error)} / –"
+    if cell.state == FAIL and cell.logps_error is not None:
+        return f"**FAIL** {_fmt(cell.logps_error)} / {_fmt(cell.grad_error)}"
+    if cell.state in (FAIL, ERROR):
+        return f"**{cell.state.upper()}**: {cell.reason}".replace("|", "\\|")
+    return f"{cell.state} {mark}".strip()
+
+
+def summary_text(cells: list[Cell]) -> str:
+    states = {c.state for c in cells}
+    bad = [c for c in cells if c.state in (FAIL, ERROR)]
+    if bad:
+        return f"**FAIL** ({len(bad)} of {len(cells)})"
+    if states == {PASS}:
+        return "pass"
+    if states <= set(RAN_OK):
+        return "pass, log-probs only [a]"
+    if len({(c.state, c.reason) for c in cells}) == 1:
+        return cell_text(cells[0])
+    return ", ".join(sorted(states))
+
+
+def _tol(x: float) -> str:
+    mantissa, exponent = f"{x:.0e}".split("e")
+    return f"{mantissa}e{int(exponent)}"
+
+
+def _rows_in_order(cells: list[Cell]) -> list[tuple[str, str, str]]:
+    rows = {(c.architecture, c.adapter, c.packing) for c in cells}
+    return sorted(rows, key=lambda k: (ARCHITECTURES.index(k[0]), ADAPTERS.index(k[1]), PACKINGS.index(k[2])))
+
+
+def render_markdown(cells: list[Cell], command: str, device: str, seconds: float, examples, packings) -> str:
+    backends = [b for b in BACKENDS if any(c.backend == b for c in cells)]
+    dtypes = [d for d in DTYPES if any(c.dtype == d for c in cells)]
+    counts: dict[str, int] = {}
+    for c in cells:
+        counts[c.state] = counts.get(c.state, 0) + 1
+    f32, bf16 = TOLERANCE["float32"], TOLERANCE["bfloat16"]
+    on_cuda = device.startswith("cuda")
+
+    lines = [
+        "# Compatibility matrix",
+        "",
+        f"Produced by `{command}` on {machine_description(device)}; "
+        + ", ".join(f"{k} {val}" for k, val in versions().items())
+        + f"; {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; {seconds:.0f} s.",
+        "",
+        "Does prefix sharing give the numbers of the plain model? Each cell patches a model with "
+        "`prefixshare.patch(model, backend=...)` and compares the log-probs of every response, and the "
+        "gradients of every trainable parameter, with each prompt+response run **alone** through the "
+        f"unpatched model. Tolerance: relative `{_tol(f32[0])}` in float32 (log-probs and gradients); in "
+        f"bfloat16 `{_tol(bf16[0])}` on log-probs and `{_tol(bf16[1])}` on gradients (why: see Method).",
+        "",
+        "- **pass**: log-probs and gradients within tolerance.",
+        f"- **pass, log-probs only [a]**: {REASON_FLEX_CPU}; the forward pass was compared.",
+        f"- **not supported [c]**: {REASON_GEMMA2_SDPA.split(': ', 1)[1]}; `prefixshare.patch` refuses it "
+        "with a ValueError that says so (checked in every such cell).",
+        f"- **not run [b]**: {REASON_BF16}.",
+        "- **FAIL** / **ERROR**: outside tolerance / an exception; the reason is listed under Summary.",
+        "",
+        "## Summary",
+        "",
+        f"{len(cells)} cells: " + ", ".join(f"{n} {state}" for state, n in counts.items()) + ".",
+    ]
+    if not on_cuda:
+        lines += [
+            "",
+            "This run had no GPU: the bfloat16 cells and FlexAttention's gradients were not checked. Run "
+            "`python compat/run_matrix.py` on a CUDA machine for them.",
+        ]
+    failures = [c for c in cells if c.state in (FAIL, ERROR)]
+    if failures:
+        lines += ["", "**Failures:**", ""]
+        lines += [f"- `{' x '.join(c.key)}`: {c.reason}" for c in failures]
+    for dtype_name in dtypes:
+        of_dtype = [c for c in cells if c.dtype == dtype_name]
+        lines += ["", f"{dtype_name}, by architecture (all adapters and packings):", ""]
+        lines += ["| architecture | " + " | ".join(backends) + " |", "|---|" + "---|" * len(backends)]
+        for architecture in ARCHITECTURES:
+            row = [c for c in of_dtype if c.architecture == architecture]
+            if row:
+                texts = [summary_text([c for c in row if c.backend == b]) for b in backends]
+                lines.append(f"| {architecture} | " + " | ".join(texts) + " |")
+
+    lines += [
+        "",
+        "## Method",
+        "",
+        "**Comparison**: `prefixshare.testing.compare_with_alone(reference, patched, examples, collator)`: the "
+        "per-response log-probs of one prefix-shared forward of the patched model, and the gradient of "
+        "`sum(w * logps)` (fixed random `w`) on every trainable parameter, against the same quantities with "
+        "every prompt+response run alone (batch of one, no padding) through the unpatched reference. Errors "
+        "are normwise relative, `max|x - ref| / max|ref|`, the worst parameter for gradients.",
+        "",
+        f"**Tolerance**: float32 `{_tol(f32[0])}` on both. bfloat16 `{_tol(bf16[0])}` on log-probs and "
+        f"`{_tol(bf16[1])}` on gradients. " + BF16_RATIONALE,
+        "",
+        "**Models**: tiny random models built from configs (`prefixshare.tiny`: 2 layers, Gemma3 6; sliding "
+        "windows of 8 tokens, Gemma2's softcaps, grouped-query attention). The reference of a cell is its "
+        "model before patching; the patched model is a deep copy of it, patched. The reference runs with "
+        "the backend's own kernel (eager, sdpa); for `flex_attention` it runs eager (transformers' own "
+        "FlexAttention compiles a kernel per sequence length).",
+        "",
+        f"**Data**: {len(examples)} random examples (`prefixshare.testing.random_examples`), prompts of 1-24 "
+        "tokens, chosen and rejected of 1-16 tokens, so the 8-token windows matter.",
+        "",
+        "**Adapters**: `full` = every parameter trainable; `lora` = peft LoRA r=4 on "
+        f"{', '.join(LORA_TARGETS)} with non-zero B (`init_lora_weights=False`), gradients on the LoRA "
+        "matrices; `qlora` = the tiny checkpoint saved with `save_pretrained` and loaded back with "
+        "`from_pretrained(..., quantization_config=BitsAndBytesConfig(load_in_4bit=True, "
+        "bnb_4bit_quant_type='nf4', bnb_4bit_compute_dtype=<dtype>))`, then the same LoRA (both models hold "
+        "the same 4-bit weights, so float32 compute is held to the same 1e-5).",
+        "",
+        "**Packings**:",
+        "",
+    ]
+    for packing, description in describe_packings(examples, packings).items():
+        lines.append(f"- `{packing}`: {description}")
+
+    for dtype_name in dtypes:
+        of_dtype = [c for c in cells if c.dtype == dtype_name]
+        lines += ["", f"## {dtype_name}: every cell", ""]
+        if all(c.state in (NOT_RUN, NOT_SUPPORTED) for c in of_dtype):
+            kinds: dict[str, int] = {}
+            for c in of_dtype:
+                text = f"{c.state}: {c.reason.split(': ', 1)[-1]}"
+                kinds[text] = kinds.get(text, 0) + 1
+            lines.append(f"No {dtype_name} cell ran: " + "; ".join(f"{n} {k}" for k, n in kinds.items()) + ".")
+            continue
+        lines += [
+            "`log-prob error / gradient error`",
+            "",
+            "| architecture | adapter | packing | " + " | ".join(backends) + " |",
+            "|---|---|---|" + "---|" * len(backends),
+        ]
+        index = {c.key: c for c in of_dtype}
+        for architecture, adapter, packing in _rows_in_order(of_dtype):
+            texts = []
+            for backend in backends:
+                cell = index.get((architecture, backend, adapter, packing, dtype_name))
+                texts.append("" if cell is None else cell_text(cell))
+            lines.append(f"| {architecture} | {adapter} | {packing} | " + " | ".join(texts) + " |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def _choices(values, allowed, what):
+    if not values:
+        return tuple(allowed)
+    chosen = [v.strip() for value in values for v in value.split(",") if v.strip()]
+    unknown = [v for v in chosen if v not in allowed]
+    if unknown:
+        raise SystemExit(f"unknown {what}: {', '.join(unknown)}; choose from {', '.join(allowed)}")
+    return tuple(v for v in allowed if v in chosen)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", help="write the Markdown table here (default: print it)")
+    parser.add_argument("--json", help="also write every cell as JSON here")
+    parser.add_argument("--arch", action="append", help=f"architectures, comma separated ({', '.join(ARCHITECTURES)})")
+    parser.add_argument("--backend", action="append", help=f"backends ({', '.join(BACKENDS)})")
+    parser.add_argument("--adapter", action="append", help=f"adapters ({', '.join(ADAPTERS)})")
+    parser.add_argument("--packing", action="append", help=f"packings ({', '.join(PACKINGS)})")
+    parser.add_argument("--dtype", action="append", help=f"dtypes ({', '.join(DTYPES)})")
+    parser.add_argument("--quick", action="store_true", help="a representative subset: " + str(QUICK))
+    parser.add_argument("--device", default=default_device(), help="cpu or cuda[:n] (default: %(default)s)")
+    parser.add_argument("--examples", type=int, default=3, help="examples per batch (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch intra-op threads (default: %(default)s; 0 = torch's default)"
+    )
+    args = parser.parse_args(argv)
+    # peft 0.21 calls a transformers 5 method deprecated for v6: not what this script checks
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+    architectures = _choices(args.arch, ARCHITECTURES, "architecture")
+    packings = _choices(args.packing, PACKINGS, "packing")
+    if args.quick:
+        # --quick narrows what --arch / --packing chose (everything when they are not given)
+        architectures = tuple(a for a in architectures if a in QUICK["architectures"])
+        packings = tuple(p for p in packings if p in QUICK["packings"])
+    settings = Settings(device=args.device, num_examples=args.examples, seed=args.seed, threads=args.threads or None)
+    torch.manual_seed(args.seed)
+
+    start = time.perf_counter()
+    print(f"prefixshare compatibility matrix on {args.device}", file=sys.stderr)
+    cells = run_matrix(
+        architectures,
+        _choices(args.backend, BACKENDS, "backend"),
+        _choices(args.adapter, ADAPTERS, "adapter"),
+        packings,
+        _choices(args.dtype, DTYPES, "dtype"),
+        settings,
+        log=lambda line: print(line, file=sys.stderr, flush=True),
+    )
+    seconds = time.perf_counter() - start
+
+    command = " ".join(["python", "compat/run_matrix.py", *(argv if argv is not None else sys.argv[1:])])
+    markdown = render_markdown(cells, command, args.device, seconds, make_examples(settings), packings)
+    if args.out:
+        Path(args.out).write_text(markdown + "\n")
+        print(f"wrote {args.out}", file=sys.stderr)
+    else:
+        print(markdown)
+    if args.json:
+        payload = dict(
+            command=command,
+            machine=machine_description(args.device),
+            versions=versions(),
+            tolerance=TOLERANCE,
+            seconds=seconds,
+            cells=[asdict(c) for c in cells],
+        )
+        Path(args.json).write_text(json.dumps(payload, indent=1) + "\n")
+    failed = [c for c in cells if c.state in (FAIL, ERROR)]
+    print(f"{len(cells)} cells in {seconds:.0f} s; {len(failed)} failed", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""The compatibility matrix (compat/run_matrix.py) on CPU: every cell that runs passes at 1e-5, every other
+cell says why it did not run, and the matrix does fail when the attention rule is wrong.
+
+The whole CPU matrix runs once per session (~30-70 s on 2 cores: tiny models, 3 examples); the bfloat16
+cells need CUDA and are reported as not run, FlexAttention's gradients need CUDA and only its log-probs
+are compared.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+import prefixshare
+from prefixshare.layout import PrefixShareLayout
+from prefixshare.tiny import ARCHITECTURE_NAMES, tiny_model
+
+pytest.importorskip("peft")
+pytest.importorskip("bitsandbytes")
+
+# peft 0.21 calls a transformers 5 method deprecated for v6
+pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _load_run_matrix():
+    spec = importlib.util.spec_from_file_location("prefixshare_run_matrix", ROOT / "compat" / "run_matrix.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+rm = _load_run_matrix()
+
+
+@pytest.fixture(scope="module")
+def cpu_cells():
+    """Every cell of the matrix, run on CPU (bfloat16 cells are decided without building a model)."""
+    return rm.run_matrix(settings=rm.Settings(device="cpu"), log=lambda line: None)
+
+
+def test_the_matrix_covers_every_axis(cpu_cells):
+    keys = {c.key for c in cpu_cells}
+    assert len(keys) == len(cpu_cells) == 7 * 3 * 3 * 3 * 2
+    assert {c.architecture for c in cpu_cells} == set(ARCHITECTURE_NAMES)
+
+
+def test_every_cpu_cell_that_runs_passes(cpu_cells):
+    ran = [c for c in cpu_cells if c.state not in (rm.NOT_RUN, rm.NOT_SUPPORTED)]
+    assert len(ran) == 7 * 3 * 3 * 3 - 3 * 3  # every float32 cell but gemma2 x sdpa
+    failures = [f"{' x '.join(c.key)}: {c.state}: {c.reason}" for c in ran if c.state not in rm.RAN_OK]
+    assert not failures, "\n".join(failures)
+    for c in ran:
+        assert c.logps_error <= 1e-5, c
+
+
+def test_gradients_are_compared_wherever_cpu_can_compute_them(cpu_cells):
+    for c in cpu_cells:
+        if c.dtype != "float32" or c.state == rm.NOT_SUPPORTED:
+            continue
+        if c.backend == "flex_attention":
+            assert (c.state, c.reason) == (rm.PASS_LOGPS_ONLY, rm.REASON_FLEX_CPU), c
+            assert c.grad_error is None
+            continue
+        assert c.state == rm.PASS, c
+        assert c.grad_error is not None and c.grad_error <= 1e-5, c
+        assert c.num_parameters > 0
+        if c.adapter in ("lora", "qlora"):  # only the adapter trains: base weights (4-bit or not) are frozen
+            assert "lora_" in c.worst_parameter, c
+
+
+def test_cells_that_do_not_run_say_why(cpu_cells):
+    for c in cpu_cells:
+        if c.architecture == "gemma2" and c.backend == "sdpa":
+            assert (c.state, c.reason) == (rm.NOT_SUPPORTED, rm.REASON_GEMMA2_SDPA), c
+        elif c.dtype == "bfloat16":
+            assert (c.state, c.reason) == (rm.NOT_RUN, rm.REASON_BF16), c
+        assert c.state in rm.RAN_OK or c.reason, c
+
+
+def test_patch_refuses_sdpa_for_gemma2s_softcap():
+    model = tiny_model("gemma2")
+    with pytest.raises(ValueError, match="softcap.*eager"):
+        prefixshare.patch(model, backend="sdpa")
+    assert not prefixshare.is_patched(model)
+
+
+# ---------------------------------------------------------------------------------------------- negative controls
+def _run_one(architecture, backend="eager", adapter="full", packings=("unpacked", "packed")):
+    settings = rm.Settings(device="cpu")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as run_matrix does: tiny models on a busy machine
+    try:
+        examples = rm.make_examples(settings)
+        group = (architecture, backend, adapter, "float32", packings, examples, settings)
+        return rm.run_group(*group, log=lambda line: None)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_the_matrix_fails_when_responses_see_each_other(monkeypatch):
+    def leaky(self, sliding_window=None):
+        unit = self.unit_ids
+
+        def predicate(b, h, q_idx, kv_idx):  # causal within the unit: rejected attends to chosen
+            return (unit[b, q_idx] == unit[b, kv_idx]) & (kv_idx <= q_idx)
+
+        return predicate
+
+    monkeypatch.setattr(PrefixShareLayout, "attention_predicate", leaky)
+    for cell in _run_one("llama", "sdpa"):
+        assert cell.state == rm.FAIL and cell.logps_error > 1e-2, cell
+
+
+@pytest.mark.parametrize("mistake", ["no window", "window one too wide"])
+def test_the_matrix_fails_when_the_sliding_window_is_wrong(monkeypatch, mistake):
+    original = PrefixShareLayout.attention_predicate
+
+    def wrong(self, sliding_window=None):
+        if mistake == "no window" or sliding_window is None:
+            return original(self)
+        return original(self, sliding_window + 1)
+
+    monkeypatch.setattr(PrefixShareLayout, "attention_predicate", wrong)
+    for cell in _run_one("mistral", "eager", "lora"):
+        # errors of a few 1e-2 on log-probs, ~1 on gradients: far above 1e-5, and above bfloat16's tolerance
+        assert cell.state == rm.FAIL and cell.logps_error > 1e-2 and cell.grad_error > 1e-1, cell
+
+
+def test_qlora_reference_can_be_rebuilt_when_deepcopy_fails(monkeypatch):
+    """The fallback for 4-bit models that cannot be deep-copied: load the checkpoint again, copy the adapter."""
+
+    def no_deepcopy(model):
+        raise RuntimeError("no deepcopy for this model")
+
+    monkeypatch.setattr(rm, "copy", types.SimpleNamespace(deepcopy=no_deepcopy))  # only the script's deepcopy
+    for cell in _run_one("qwen3", "sdpa", "qlora", packings=("packed",)):
+        assert cell.state == rm.PASS and cell.grad_error <= 1e-5, cell
+
+
+# ---------------------------------------------------------------------------------------------- the script
+def test_the_script_writes_markdown_and_json(tmp_path):
+    out, cells_json = tmp_path / "MATRIX.md", tmp_path / "cells.json"
+    status = rm.main(
+        ["--arch", "gemma2", "--adapter", "full", "--packing", "packed", "--device", "cpu",
+         "--out", str(out), "--json", str(cells_json)]
+    )
+    assert status == 0
+    text = out.read_text()
+    assert "python compat/run_matrix.py --arch gemma2" in text
+    assert "`1e-5` in float32" in text and "torch " in text and "bitsandbytes " in text
+    assert "| architecture | adapter | packing | eager | sdpa | flex_attention |" in text
+    assert "not supported [c]" in text and "pass, log-probs only [a]" in text
+    assert rm.REASON_BF16 in text and rm.REASON_GEMMA2_SDPA in text
+    payload = json.loads(cells_json.read_text())
+    states = {(c["backend"], c["dtype"]): c["state"] for c in payload["cells"]}
+    assert states == {
+        ("eager", "float32"): rm.PASS,
+        ("sdpa", "float32"): rm.NOT_SUPPORTED,
+        ("flex_attention", "float32"): rm.PASS_LOGPS_ONLY,
+        ("eager", "bfloat16"): rm.NOT_RUN,
+        ("sdpa", "bfloat16"): rm.NOT_SUPPORTED,
+        ("flex_attention", "bfloat16"): rm.NOT_RUN,
+    }
