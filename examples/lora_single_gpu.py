@@ -49,7 +49,7 @@ def parse_args(argv=None):
     p.add_argument("--reference", choices=("disable_adapters", "precomputed"), default="disable_adapters")
     p.add_argument("--loss", default="dpo", choices=sorted(LOSSES))
     p.add_argument("--beta", type=float, default=0.1)
-    p.add_argument("--steps", type=int, default=80)
+    p.add_argument("--steps", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=8, help="preference pairs per step")
     p.add_argument("--lr", type=float, help="AdamW learning rate (default: 2e-3 for the tiny model, 1e-5 for --model)")
     p.add_argument("--format", choices=("shared", "paired"), default="shared")
@@ -58,7 +58,8 @@ def parse_args(argv=None):
     p.add_argument("--max-length", type=int)
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--log-every", type=int, default=20)
+    p.add_argument("--threads", type=int, help="CPU threads (default: 1 for the tiny model on the CPU)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -94,14 +95,16 @@ def load_base_model(args, workdir):
 def main(argv=None):
     args = parse_args(argv)
     torch.manual_seed(args.seed)
+    if args.threads or (args.device == "cpu" and not args.model):
+        torch.set_num_threads(args.threads or 1)  # the tiny model's matrices are too small to split
 
     # 1. base model (4-bit for QLoRA), then the LoRA adapters ----------------------------------------------
     with tempfile.TemporaryDirectory() as workdir:
         model, tokenizer = load_base_model(args, workdir)
     if args.qlora:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing)
-    elif args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+    elif args.gradient_checkpointing:  # renamed activation_checkpointing_enable in transformers 5.x
+        getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
     lora = LoraConfig(
         r=args.lora_r,
         lora_alpha=args.lora_alpha,
@@ -189,7 +192,7 @@ def main(argv=None):
     for name in ("loss", "rewards/accuracies", "rewards/margins"):
         first, last = history[name][:n], history[name][-n:]
         print(f"  {name:20s} first {n} steps {sum(first) / n:+.4f}   last {n} steps {sum(last) / n:+.4f}")
-    return history
+    return {"history": dict(history)}
 
 
 if __name__ == "__main__":
