@@ -107,6 +107,7 @@ def main(argv=None):
 
     # 2. the one line: prefix-shared attention ----------------------------------------------------------------
     prefixshare.patch(model, backend=args.backend)
+
     # 3. reference: a frozen copy of the initial model (patched too: the copy keeps the patch) ----------------
     reference = None
     if args.loss not in REFERENCE_FREE:
