@@ -15,7 +15,7 @@ gradients.
 
 Axes:
     architecture  llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3 (prefixshare.tiny)
-    backend       eager, sdpa, flex_attention
+    backend       eager, sdpa, flex_attention, varlen
     adapter       full (every parameter trainable), lora (peft LoRA, r=4, non-zero B), qlora (the tiny
                   checkpoint saved and loaded back in 4-bit NF4 with bitsandbytes, then LoRA)
     packing       unpacked (PrefixShareCollator, one example per row), packed (PrefixShareCollator with a
@@ -64,7 +64,7 @@ from prefixshare.tiny import ARCHITECTURE_NAMES, tiny_config, tiny_model
 
 # ---------------------------------------------------------------------------------------------- the axes
 ARCHITECTURES = ARCHITECTURE_NAMES
-BACKENDS = ("eager", "sdpa", "flex_attention")
+BACKENDS = ("eager", "sdpa", "flex_attention", "varlen")
 ADAPTERS = ("full", "lora", "qlora")
 PACKINGS = ("unpacked", "packed", "paired-packed")
 DTYPES = ("float32", "bfloat16")
@@ -80,20 +80,25 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 # states
 PASS = "pass"
 PASS_LOGPS_ONLY = "pass (log-probs only; gradients need a GPU)"
+PASS_REFERENCE_KERNEL = "pass (varlen reference kernel; the CUDA kernels need a GPU)"
 FAIL = "fail"
 ERROR = "error"
 NOT_RUN = "not run"
 NOT_SUPPORTED = "not supported"
-RAN_OK = (PASS, PASS_LOGPS_ONLY)
+RAN_OK = (PASS, PASS_LOGPS_ONLY, PASS_REFERENCE_KERNEL)
 
 # reasons
 REASON_FLEX_CPU = "needs a GPU (FlexAttention has no backward on CPU)"
 REASON_BF16 = "needs a GPU (bfloat16 cells run on CUDA only)"
+REASON_VARLEN_REFERENCE = (
+    "the varlen sequences and K/V gather ran with the reference kernel (one SDPA call per sequence); "
+    "flash-attn's and torch's varlen kernels run on CUDA in half precision only"
+)
 REASON_GEMMA2_SDPA = "not supported: sdpa cannot apply Gemma2's attention softcap (use eager or flex)"
 
 # the unpatched reference runs every example alone with this kernel. FlexAttention's reference is eager:
 # transformers' own (unpatched) flex_attention compiles one kernel per sequence length, ~45 s each on CPU.
-REFERENCE_KERNEL = {"eager": "eager", "sdpa": "sdpa", "flex_attention": "eager"}
+REFERENCE_KERNEL = {"eager": "eager", "sdpa": "sdpa", "flex_attention": "eager", "varlen": "eager"}
 
 BF16_RATIONALE = (
     "Why: bfloat16 keeps 8 significant bits (a rounding step of 2^-8 = 4e-3). The prefix-shared forward is "
@@ -337,6 +342,8 @@ def _run_group(architecture, backend, adapter, dtype_name, packings, examples, s
             reason = _failure_reason(result, logps_tolerance, grad_tolerance)
             if reason:
                 cell.state, cell.reason = FAIL, reason
+            elif backend == "varlen" and not (on_cuda and dtype in (torch.float16, torch.bfloat16)):
+                cell.state, cell.reason = PASS_REFERENCE_KERNEL, REASON_VARLEN_REFERENCE
             elif gradients:
                 cell.state = PASS
             else:
@@ -424,7 +431,7 @@ def _fmt(x: float | None) -> str:
     return "–" if x is None else ("0" if x == 0 else f"{x:.0e}")
 
 
-NOTE_MARKS = {REASON_FLEX_CPU: "[a]", REASON_BF16: "[b]", REASON_GEMMA2_SDPA: "[c]"}
+NOTE_MARKS = {REASON_FLEX_CPU: "[a]", REASON_BF16: "[b]", REASON_GEMMA2_SDPA: "[c]", REASON_VARLEN_REFERENCE: "[d]"}
 
 
 def cell_text(cell: Cell) -> str:
@@ -433,6 +440,8 @@ def cell_text(cell: Cell) -> str:
         return f"pass {_fmt(cell.logps_error)} / {_fmt(cell.grad_error)}"
     if cell.state == PASS_LOGPS_ONLY:
         return f"pass, log-probs only {mark} {_fmt(cell.logps_error)} / –"
+    if cell.state == PASS_REFERENCE_KERNEL:
+        return f"pass, reference kernel {mark} {_fmt(cell.logps_error)} / {_fmt(cell.grad_error)}"
     if cell.state == FAIL and cell.logps_error is not None:
         return f"**FAIL** {_fmt(cell.logps_error)} / {_fmt(cell.grad_error)}"
     if cell.state in (FAIL, ERROR):
@@ -447,8 +456,10 @@ def summary_text(cells: list[Cell]) -> str:
         return f"**FAIL** ({len(bad)} of {len(cells)})"
     if states == {PASS}:
         return "pass"
-    if states <= set(RAN_OK):
+    if states == {PASS_LOGPS_ONLY}:
         return "pass, log-probs only [a]"
+    if states == {PASS_REFERENCE_KERNEL}:
+        return "pass, reference kernel [d]"
     if len({(c.state, c.reason) for c in cells}) == 1:
         return cell_text(cells[0])
     return ", ".join(sorted(states))
@@ -491,6 +502,7 @@ def render_markdown(cells: list[Cell], command: str, device: str, seconds: float
         f"- **not supported [c]**: {REASON_GEMMA2_SDPA.split(': ', 1)[1]}; `prefixshare.patch` refuses it "
         "with a ValueError that says so (checked in every such cell).",
         f"- **not run [b]**: {REASON_BF16}.",
+        f"- **pass, reference kernel [d]**: {REASON_VARLEN_REFERENCE}.",
         "- **FAIL** / **ERROR**: outside tolerance / an exception; the reason is listed under Summary.",
         "",
         "## Summary",
@@ -500,7 +512,7 @@ def render_markdown(cells: list[Cell], command: str, device: str, seconds: float
     if not on_cuda:
         lines += [
             "",
-            "This run had no GPU: the bfloat16 cells and FlexAttention's gradients were not checked. Run "
+            "This run had no GPU: the bfloat16 cells, FlexAttention's gradients and the CUDA varlen kernels were not checked. Run "
             "`python compat/run_matrix.py` on a CUDA machine for them.",
         ]
     failures = [c for c in cells if c.state in (FAIL, ERROR)]
@@ -534,7 +546,7 @@ def render_markdown(cells: list[Cell], command: str, device: str, seconds: float
         "windows of 8 tokens, Gemma2's softcaps, grouped-query attention). The reference of a cell is its "
         "model before patching; the patched model is a deep copy of it, patched. The reference runs with "
         "the backend's own kernel (eager, sdpa); for `flex_attention` it runs eager (transformers' own "
-        "FlexAttention compiles a kernel per sequence length).",
+        "FlexAttention compiles a kernel per sequence length), and for `varlen` eager too.",
         "",
         f"**Data**: {len(examples)} random examples (`prefixshare.testing.random_examples`), prompts of 1-24 "
         "tokens, chosen and rejected of 1-16 tokens, so the 8-token windows matter.",
