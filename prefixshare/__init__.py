@@ -13,8 +13,10 @@ from .logps import ResponseLogps, gather_response_logps, split_logps
 from .losses import LOSSES, REFERENCE_FREE, preference_loss
 from .packing import first_fit_decreasing
 from .patch import is_patched, patch, patched_backend, unpatch
+from .reference import WithReferenceLogps, precompute_reference_logps, reference_logps, with_reference_logps
 from .sampler import TokenBudgetBatchSampler
 from .tokenization import tokenize_preference
+from .training import preference_step
 
 __version__ = "0.1.0"
 
@@ -29,6 +31,7 @@ __all__ = [
     "LOSSES",
     "REFERENCE_FREE",
     "TokenBudgetBatchSampler",
+    "WithReferenceLogps",
     "PairedCollator",
     "PrefixShareBatch",
     "PrefixShareCollator",
@@ -36,8 +39,12 @@ __all__ = [
     "ResponseLogps",
     "first_fit_decreasing",
     "gather_response_logps",
+    "precompute_reference_logps",
     "preference_loss",
+    "preference_step",
+    "reference_logps",
     "response_logps",
     "split_logps",
     "tokenize_preference",
+    "with_reference_logps",
 ]

@@ -35,15 +35,12 @@ def chunked_token_logps(logits: torch.Tensor, targets: torch.Tensor, chunk_size:
     )
 
 
-def response_logps(model, batch, *, chunk_size: int = 1024) -> ResponseLogps:
-    """Per-response summed log-probs of a prefix-shared (or paired) batch without ``[B, L, V]`` logits.
+def predictor_logits(model, batch) -> torch.Tensor:
+    """``[T, V]`` logits at the ``T`` positions that predict response tokens, in the layout's target order.
 
-    Equal to ``gather_response_logps(model(**batch).logits, batch)`` (up to matmul rounding), with the
-    model's own final logit processing (Gemma2's final softcap) applied. Works with peft and FSDP
-    models: the model's forward runs as usual, only the LM head's input is narrowed to the predictor rows.
-
-    Returns:
-        :class:`~prefixshare.logps.ResponseLogps`: ``logps`` ``[n, K]`` float32, ``num_tokens`` ``[n, K]``.
+    Runs ``model(**batch)`` as usual (peft, DDP and FSDP wrappers included) with the LM head's input narrowed
+    to those rows by a temporary hook, so ``[B, L, V]`` logits never exist; the model's own final logit
+    processing (Gemma2's final softcap) still applies.
     """
     layout = _layout_of(batch)
     lm_head = _unwrap(model).get_output_embeddings()
@@ -60,10 +57,27 @@ def response_logps(model, batch, *, chunk_size: int = 1024) -> ResponseLogps:
 
     handle = lm_head.register_forward_pre_hook(keep_predictor_rows)
     try:
-        logits = model(**batch).logits[0]  # [T, V]
+        return model(**batch).logits[0]
     finally:
         handle.remove()
-    on_device = layout.to(logits.device)
-    targets = _input_ids_of(batch, None).to(logits.device).reshape(-1)[on_device.target_index]
-    per_token = chunked_token_logps(logits, targets, chunk_size)
-    return ResponseLogps(sum_per_response(per_token, on_device), on_device.response_lengths)
+
+
+def response_targets(batch, device) -> torch.Tensor:
+    """``[T]`` token ids of the response tokens, in the layout's target order."""
+    layout = _layout_of(batch).to(device)
+    return _input_ids_of(batch, None).to(device).reshape(-1)[layout.target_index]
+
+
+def response_logps(model, batch, *, chunk_size: int = 1024) -> ResponseLogps:
+    """Per-response summed log-probs of a prefix-shared (or paired) batch without ``[B, L, V]`` logits.
+
+    Equal to ``gather_response_logps(model(**batch).logits, batch)`` (up to matmul rounding). Works with
+    peft and FSDP models: see :func:`predictor_logits`.
+
+    Returns:
+        :class:`~prefixshare.logps.ResponseLogps`: ``logps`` ``[n, K]`` float32, ``num_tokens`` ``[n, K]``.
+    """
+    logits = predictor_logits(model, batch)
+    layout = _layout_of(batch).to(logits.device)
+    per_token = chunked_token_logps(logits, response_targets(batch, logits.device), chunk_size)
+    return ResponseLogps(sum_per_response(per_token, layout), layout.response_lengths)

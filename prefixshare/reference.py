@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from .collators import LAYOUT_KEY, PrefixShareBatch
-from .logps import gather_response_logps
+from .lm_head import response_logps
 from .patch import is_patched
 
 REFERENCE_LOGPS_KEY = "reference_logps"
@@ -103,8 +103,7 @@ def _forward_logps(model, batch) -> torch.Tensor:
     device = _device_of(model)
     inputs = model_inputs(batch).to(device)
     with _eval_mode(model):
-        logits = model(**inputs).logits
-    return gather_response_logps(logits, inputs).logps
+        return response_logps(model, inputs).logps
 
 
 # ---------------------------------------------------------------------------------------------- public

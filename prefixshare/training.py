@@ -1,6 +1,6 @@
 """One preference training step on a collated batch: policy forward, reference log-probs, loss.
 
-Built only on the public pieces: ``model(**batch)``, :func:`prefixshare.gather_response_logps`,
+Built only on the public pieces: ``model(**batch)`` through :func:`prefixshare.response_logps`,
 :func:`prefixshare.losses.preference_loss` and :mod:`prefixshare.reference`. A plain PyTorch loop::
 
     prefixshare.patch(model); prefixshare.patch(reference_model)
@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from .collators import LAYOUT_KEY
-from .logps import gather_response_logps
+from .lm_head import response_logps
 from .losses import LOSSES, REFERENCE_FREE, preference_loss
 from .reference import (
     DISABLE_ADAPTERS,
@@ -100,7 +100,7 @@ def preference_step(
         reference = reference_logps(ref, batch, policy=model)
 
     inputs = model_inputs(batch)
-    policy = gather_response_logps(model(**inputs).logits, inputs)
+    policy = response_logps(model, inputs)  # the LM head only where response tokens are predicted
     logps, num_tokens = policy.logps, policy.num_tokens.to(policy.logps.device)
     given = dict(
         policy_chosen_logps=logps[:, 0],

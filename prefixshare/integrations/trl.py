@@ -51,7 +51,7 @@ except ImportError as error:  # pragma: no cover - depends on the environment
 from accelerate.utils import is_peft_model
 
 from ..collators import LAYOUT_KEY, PrefixShareCollator
-from ..lm_head import chunked_token_logps
+from ..lm_head import chunked_token_logps, predictor_logits, response_targets
 from ..logps import sum_per_response
 from ..losses import nll_loss, preference_loss
 from ..patch import _unwrap, patch
@@ -151,32 +151,15 @@ class _Responses(NamedTuple):
     top1: torch.Tensor | None  # [n, 2] number of tokens predicted as the argmax (no grad)
 
 
-def _response_forward(model, inner, batch: Mapping, *, stats: bool) -> _Responses:
+def _response_forward(model, batch: Mapping, *, stats: bool) -> _Responses:
     """One forward of a prefix-shared batch; the LM head sees only the rows that predict response tokens.
 
-    ``inner`` is the transformers model inside ``model``'s wrappers (its LM head gets a temporary hook).
     Log-probs keep their graph; the metric statistics (TRL's entropy, mean logit and top-1 accuracy) do not.
     """
-    layout = batch[LAYOUT_KEY]
-    lm_head = inner.get_output_embeddings()
-    if lm_head is None:
-        raise ValueError(f"{type(inner).__name__} has no output embeddings (LM head)")
-
-    def keep_predictor_rows(module, args):
-        hidden = args[0]
-        B, L, H = hidden.shape
-        if (B, L) != layout.shape:
-            raise ValueError(f"hidden states {tuple(hidden.shape)} do not match the batch layout {layout.shape}")
-        index = layout.to(hidden.device).predictor_index
-        return (hidden.reshape(B * L, H)[index].unsqueeze(0), *args[1:])
-
-    handle = lm_head.register_forward_pre_hook(keep_predictor_rows)
-    try:
-        logits = model(**{key: batch[key] for key in _MODEL_KEYS}, use_cache=False).logits[0]  # [T, V]
-    finally:
-        handle.remove()
-    on_device = layout.to(logits.device)
-    targets = batch["input_ids"].to(logits.device).reshape(-1)[on_device.target_index]
+    inputs = {key: batch[key] for key in _MODEL_KEYS}
+    logits = predictor_logits(model, {**inputs, "use_cache": False})  # [T, V]
+    on_device = batch[LAYOUT_KEY].to(logits.device)
+    targets = response_targets(inputs, logits.device)
     logps = sum_per_response(chunked_token_logps(logits, targets, _LOGIT_CHUNK), on_device)
     if not stats:
         return _Responses(logps, on_device.response_lengths, None, None, None)
@@ -370,8 +353,8 @@ class PrefixShareDPOTrainer(DPOTrainer):
         return _unwrap(inner)
 
     def _prefixshare_forward(self, model, batch: Mapping, *, stats: bool) -> _Responses:
-        inner = self._prefixshare_ensure_patched(model)
-        return _response_forward(model, inner, batch, stats=stats)
+        self._prefixshare_ensure_patched(model)
+        return _response_forward(model, batch, stats=stats)
 
     def _prefixshare_adapter_context(self):
         """DPOTrainer's reference for PEFT without a ref model: the "ref" adapter if any, else no adapter."""
