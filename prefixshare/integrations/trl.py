@@ -31,7 +31,7 @@ Extra keyword arguments:
   many tokens (fewer, fuller rows, less padding); ``None`` (default): one pair per row.
 
 Options that prefix sharing does not cover raise ``ValueError`` in ``__init__`` rather than being ignored; see
-:data:`SUPPORTED_LOSS_TYPES` and ``docs/trl.md``.
+:data:`SUPPORTED_LOSS_TYPES` and the README's TRL section.
 """
 
 from __future__ import annotations
