@@ -15,9 +15,7 @@ def _bench(args) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype or ("bfloat16" if device == "cuda" else "float32")]
     shape = args.shape or ("1b" if device == "cuda" else "tiny")
-    backends = args.backends.split(",") if args.backends else (
-        bench.available_backends(device) if device == "cuda" else ["sdpa"]
-    )
+    backends = args.backends.split(",") if args.backends else bench.available_backends(device)
     n = args.examples_per_step * (args.steps + 1)
     vocab = bench.MODEL_SHAPES[shape]["vocab_size"]
     profiles = {
@@ -45,7 +43,7 @@ def _bench(args) -> int:
         stem = os.path.join(args.out_dir, f"bench-{result.device.split(':')[0]}-{shape}")
         bench.save(result, stem + ".json", stem + ".png")
         with open(stem + ".md", "w") as f:
-            f.write(table + "\n")
+            f.write(f"Produced by `prefixshare {' '.join(args.argv)}`.\n\n{table}\n")
         print(f"wrote {stem}.json, {stem}.png, {stem}.md")
     return 0
 
@@ -91,7 +89,7 @@ def main(argv=None) -> int:
                    help="comma-separated dataset profiles of the paper (synthetic lengths)")
     b.add_argument("--data", nargs="*", help="real preference data files (json/jsonl[.gz]); needs --tokenizer")
     b.add_argument("--tokenizer", help="tokenizer directory or SentencePiece .model file")
-    b.add_argument("--backends", help="comma-separated: eager,sdpa,varlen,flex_attention (default: sdpa on CPU, all on GPU)")
+    b.add_argument("--backends", help="comma-separated: eager,sdpa,varlen,flex_attention (default: eager,sdpa on CPU, all four on GPU)")
     b.add_argument("--shape", choices=["tiny", "1b", "8b"], help="model shape (default: tiny on CPU, 1b on GPU)")
     b.add_argument("--dtype", choices=["float32", "bfloat16"])
     b.add_argument("--device")
@@ -111,6 +109,7 @@ def main(argv=None) -> int:
     s.set_defaults(run=_stats)
 
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     return args.run(args)
 
 
