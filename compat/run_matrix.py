@@ -58,6 +58,7 @@ except ImportError:  # run from a checkout that is not installed
     import prefixshare
 
 from prefixshare._compat import DTYPE_KWARG
+from prefixshare._machine import describe_machine
 from prefixshare.collators import PairedCollator, PrefixShareCollator
 from prefixshare.testing import compare_with_alone, random_examples
 from prefixshare.tiny import ARCHITECTURE_NAMES, tiny_config, tiny_model
@@ -399,23 +400,6 @@ def default_device() -> str:
 
 
 # ---------------------------------------------------------------------------------------------- report
-def machine_description(device: str) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    text = f"CPU, {cpu}, {cores} cores"
-    if device.startswith("cuda"):
-        text = f"GPU, {torch.cuda.get_device_name(torch.device(device))}; host {text}"
-    return text
-
-
 def versions() -> dict[str, str]:
     found = {"python": platform.python_version(), "torch": torch.__version__}
     for name in ("transformers", "peft", "bitsandbytes"):
@@ -487,7 +471,7 @@ def render_markdown(cells: list[Cell], command: str, device: str, seconds: float
     lines = [
         "# Compatibility matrix",
         "",
-        f"Produced by `{command}` on {machine_description(device)}; "
+        f"Produced by `{command}` on {describe_machine(device)}; "
         + ", ".join(f"{k} {val}" for k, val in versions().items())
         + f"; {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; {seconds:.0f} s.",
         "",
@@ -655,7 +639,7 @@ def main(argv=None) -> int:
     if args.json:
         payload = dict(
             command=command,
-            machine=machine_description(args.device),
+            machine=describe_machine(args.device),
             versions=versions(),
             tolerance=TOLERANCE,
             seconds=seconds,

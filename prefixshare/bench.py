@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import json
 import math
-import platform
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
 import torch
 
+from ._machine import describe_machine
 from .collators import PairedCollator, PrefixShareCollator
 from .lm_head import response_logps
 from .patch import patch
@@ -198,21 +198,6 @@ def available_backends(device: str) -> list[str]:
     return ["eager", "sdpa"]
 
 
-def machine_name(device: str) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(torch.device(device))
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{name} ({torch.get_num_threads()} threads)"
-
-
 def run_bench(
     profiles: dict[str, list[dict]],
     *,
@@ -236,7 +221,7 @@ def run_bench(
             return iterable
 
     result = BenchResult(
-        machine=machine_name(device), device=device, torch=torch.__version__, transformers=transformers.__version__,
+        machine=describe_machine(device), device=device, torch=torch.__version__, transformers=transformers.__version__,
         model_shape=shape, dtype=str(dtype).replace("torch.", ""), lora=lora, examples_per_step=examples_per_step,
         steps=steps, date=datetime.now(timezone.utc).strftime("%Y-%m-%d"),
     )

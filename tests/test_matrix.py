@@ -15,7 +15,6 @@ import types
 from pathlib import Path
 
 import pytest
-import torch
 
 import prefixshare
 from prefixshare.layout import PrefixShareLayout
@@ -99,14 +98,9 @@ def test_patch_refuses_sdpa_for_gemma2s_softcap():
 # ---------------------------------------------------------------------------------------------- negative controls
 def _run_one(architecture, backend="eager", adapter="full", packings=("unpacked", "packed")):
     settings = rm.Settings(device="cpu")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as run_matrix does: tiny models on a busy machine
-    try:
-        examples = rm.make_examples(settings)
-        group = (architecture, backend, adapter, "float32", packings, examples, settings)
-        return rm.run_group(*group, log=lambda line: None)
-    finally:
-        torch.set_num_threads(threads)
+    examples = rm.make_examples(settings)
+    group = (architecture, backend, adapter, "float32", packings, examples, settings)
+    return rm.run_group(*group, log=lambda line: None)
 
 
 def test_the_matrix_fails_when_responses_see_each_other(monkeypatch):

@@ -36,15 +36,6 @@ N_EXAMPLES = 3
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models on busy cores: one intra-op thread is ~10x cheaper than several (no spinning workers)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 _REFERENCES: dict = {}
 
 

@@ -63,16 +63,6 @@ FORMATS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices gain nothing from intra-op threads, and on a busy machine spinning threads make these tests
-    ~10x slower. (The examples choose one thread for the tiny model themselves; restore afterwards.)"""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def batches_of_examples(seed: int = 0) -> list[list[dict]]:
     """STEPS batches of BATCH random pairs; prompts longer than the tiny sliding window (8 tokens)."""
     examples = random_examples(STEPS * BATCH, VOCAB, seed=seed, prompt_lengths=(4, 24), response_lengths=(1, 12))

@@ -26,7 +26,6 @@ import contextlib
 import math
 
 import pytest
-import torch
 
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
@@ -43,16 +42,6 @@ EXACT = {"num_tokens", "rewards/accuracies", "mean_token_accuracy", "step", "epo
 
 ROWS = load_toy_preferences()[:12]  # 3 steps of 4 pairs, one epoch
 EVAL_ROWS = load_toy_preferences()[100:104]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tensors this small gain nothing from intra-op threads, and on a busy machine the threads' synchronization
-    # makes every op ~10x slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

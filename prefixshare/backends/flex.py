@@ -56,17 +56,14 @@ def flex_attention(module, query, key, value, layout, *, scaling, dropout=0.0, s
         query, key, value = (torch.nn.functional.pad(t, pad) for t in (query, key, value))
         layout = layout.padded(padded_length)
 
-    score_mod = None
-    if softcap is not None:
-
-        def score_mod(score, b, h, q_idx, kv_idx):
-            return torch.tanh(score / softcap) * softcap
+    def softcapped(score, b, h, q_idx, kv_idx):
+        return torch.tanh(score / softcap) * softcap
 
     out = _flex_function(query.device)(
         query,
         key,
         value,
-        score_mod=score_mod,
+        score_mod=None if softcap is None else softcapped,
         block_mask=block_mask(layout, sliding_window),
         scale=scaling,
         enable_gqa=n_rep > 1,

@@ -16,7 +16,6 @@ in front of the prompt, the EOS token after each response, as TRL's ``DPOTrainer
 from __future__ import annotations
 
 import json
-import string
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
