@@ -12,6 +12,7 @@ Both take a list of examples, each a mapping with ``prompt_input_ids`` and eithe
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -53,6 +54,8 @@ class PreferenceExample:
 
 # ---------------------------------------------------------------------------------------------- input checks
 def _token_ids(value: Any, index: int, name: str) -> list[int]:
+    if not isinstance(value, torch.Tensor) and type(value).__module__ == "numpy" and hasattr(value, "ndim"):
+        value = torch.as_tensor(value)  # numpy arrays (datasets' numpy format) get the tensor checks below
     if isinstance(value, torch.Tensor):
         if value.dim() != 1:
             raise ValueError(f"example {index}: {name} must be a 1-D tensor, got shape {tuple(value.shape)}")
@@ -62,16 +65,16 @@ def _token_ids(value: Any, index: int, name: str) -> list[int]:
     elif isinstance(value, (list, tuple)):
         ids = list(value)
         for j, t in enumerate(ids):
-            if isinstance(t, bool) or not isinstance(t, int):
-                if hasattr(t, "__index__") and not isinstance(t, bool) and not isinstance(t, torch.Tensor):
-                    ids[j] = t.__index__()  # numpy integers
-                    continue
+            # ints and numpy integers (anything with __index__), but not bools or tensors
+            if isinstance(t, (bool, torch.Tensor)) or not hasattr(t, "__index__"):
                 raise ValueError(
                     f"example {index}: {name}[{j}] is {t!r} ({type(t).__name__}); token ids must be integers"
                 )
+            ids[j] = operator.index(t)
     else:
         raise ValueError(
-            f"example {index}: {name} must be a list of token ids or a 1-D integer tensor, got {type(value).__name__}"
+            f"example {index}: {name} must be a list of token ids or a 1-D integer tensor or array, "
+            f"got {type(value).__name__}"
         )
     for j, t in enumerate(ids):
         if t < 0:

@@ -315,3 +315,14 @@ def test_batch_to_keeps_the_layout():
     moved = batch.to("cpu")
     assert isinstance(moved, PrefixShareBatch) and moved.layout is not None
     assert torch.equal(moved["input_ids"], batch["input_ids"])
+
+
+def test_numpy_ids_are_accepted_and_checked():
+    np = pytest.importorskip("numpy")
+    example = dict(
+        prompt_input_ids=np.array([5, 6]), chosen_input_ids=[np.int64(7)], rejected_input_ids=np.array([8], np.int32)
+    )
+    batch = PrefixShareCollator(0)([example])
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8]]
+    with pytest.raises(ValueError, match="example 0: prompt_input_ids must hold integer token ids"):
+        PrefixShareCollator(0)([{**example, "prompt_input_ids": np.array([5.0, 6.0])}])
