@@ -1,11 +1,14 @@
 """``prefixshare bench``: the formats side by side in one run, forward+backward samples/s and memory.
 
 Formats, each fed the same examples every step:
-    paired           the classic concatenated forward (2B rows, right padded)
+    paired-native    the baseline as users run it today: 2B right-padded rows through the model's own
+                     kernel with a padding mask (no layout), full [B, L, V] logits
+    paired           the classic concatenated forward (2B rows, right padded) through the patched backend
     paired-packed    the paired sequences packed first-fit-decreasing, each isolated
     shared           prefix sharing, one unit per row
     shared-packed    prefix sharing, units packed first-fit-decreasing
-All four run through the same patched model and backend, so the ratios isolate the format. The ideal
+All but paired-native run through the same patched model and backend, so their ratios isolate the format;
+every ratio is taken over the best paired format. The ideal
 speedup is the ratio of real (non-padding) tokens, paired over shared: ``2(p+c)/(p+2c)`` for one pair.
 
 Dataset profiles: the six of the prefix sharing paper (median prompt+completion length and median
@@ -15,6 +18,7 @@ drawn log-normally around them), and real data when a tokenizer and data files a
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import time
@@ -25,7 +29,9 @@ import torch
 
 from ._machine import describe_machine
 from .collators import PairedCollator, PrefixShareCollator
+from .layout import PAD_SEGMENT
 from .lm_head import response_logps
+from .logps import gather_response_logps
 from .patch import patch
 
 # name -> (median prompt+completion tokens, median prompt/completion ratio), Table 1 of arXiv 2410.20305
@@ -38,7 +44,7 @@ PAPER_PROFILES = {
     "ultrafeedback": (409, 0.42),
 }
 
-FORMATS = ("paired", "paired-packed", "shared", "shared-packed")
+FORMATS = ("paired-native", "paired", "paired-packed", "shared", "shared-packed")
 
 # model shapes: tiny for CPU, Llama-3.2-1B and Llama-3-8B shapes for GPUs (random weights)
 MODEL_SHAPES = {
@@ -124,6 +130,7 @@ class BenchResult:
 
 def collators_for(budget: int):
     return {
+        "paired-native": PairedCollator(0),
         "paired": PairedCollator(0),
         "paired-packed": PairedCollator(0, max_tokens_per_row=budget),
         "shared": PrefixShareCollator(0),
@@ -138,7 +145,10 @@ def build_model(shape: str, backend: str, dtype: torch.dtype, device: str, lora:
 
     config = LlamaConfig(**MODEL_SHAPES[shape], max_position_embeddings=16384, pad_token_id=0)
     torch.manual_seed(0)
-    kernel = "sdpa" if backend in ("varlen", "flex_attention") else backend
+    kernel = backend
+    if backend in ("varlen", "flex_attention"):
+        # the paired-native baseline runs the kernel the model is loaded with: FlashAttention-2 where installed
+        kernel = "flash_attention_2" if device.startswith("cuda") and _has_flash_attn() else "sdpa"
     model = AutoModelForCausalLM.from_config(config, attn_implementation=kernel, **{DTYPE_KWARG: dtype}).to(device)
     if lora:
         from peft import LoraConfig, get_peft_model
@@ -150,18 +160,31 @@ def build_model(shape: str, backend: str, dtype: torch.dtype, device: str, lora:
     return patch(model, backend=backend)
 
 
+def _has_flash_attn() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def native_logps(model, batch) -> torch.Tensor:
+    """``[n, K]`` log-probs the way the paired baseline runs today: padding mask, model's kernel, full logits."""
+    attention_mask = (batch.layout.segment_ids != PAD_SEGMENT).long()
+    logits = model(input_ids=batch["input_ids"], attention_mask=attention_mask, use_cache=False).logits
+    return gather_response_logps(logits, batch).logps
+
+
 def _sync(device):
     if device.startswith("cuda"):
         torch.cuda.synchronize()
 
 
-def time_format(model, collator, batches, device: str, warmup: int = 1) -> tuple[float, float | None, dict]:
+def time_format(
+    model, collator, batches, device: str, warmup: int = 1, native: bool = False
+) -> tuple[float, float | None, dict]:
     """Seconds per step (forward + backward of a DPO-style sum of log-probs) and peak memory in MB."""
     prepared = [collator(b).to(device) for b in batches]
 
     def step(batch):
-        out = response_logps(model, batch)
-        out.logps.sum().backward()
+        logps = native_logps(model, batch) if native else response_logps(model, batch).logps
+        logps.sum().backward()
 
     for batch in prepared[:warmup]:
         step(batch)
@@ -240,7 +263,9 @@ def run_bench(
             models.clear()  # one model in memory at a time
             models[backend] = build_model(shape, backend, dtype, device, lora)
         model = models[backend]
-        step_s, peak, sizes = time_format(model, collators_for(row_budget)[fmt], batches, device)
+        step_s, peak, sizes = time_format(
+            model, collators_for(row_budget)[fmt], batches, device, native=fmt == "paired-native"
+        )
         result.measurements.append(
             Measurement(profile, backend, fmt, examples_per_step / step_s, step_s, peak, **sizes)
         )
