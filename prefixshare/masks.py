@@ -44,8 +44,10 @@ def block_mask(layout: PrefixShareLayout, sliding_window: int | None = None):
 
     def build():
         B, L = layout.shape
+        # on CUDA, compiling the mask construction avoids materializing the [B, L, L] predicate
         return create_block_mask(
-            layout.attention_predicate(sliding_window), B, None, L, L, device=layout.device
+            layout.attention_predicate(sliding_window), B, None, L, L, device=layout.device,
+            _compile=layout.device.type == "cuda",
         )
 
     return layout.cached(("block_mask", sliding_window), build)
