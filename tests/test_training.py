@@ -328,7 +328,9 @@ def load_example(name: str):
 
 
 def run_script(*args: str, timeout: int = 300) -> str:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TQDM_MININTERVAL": "5", "OMP_NUM_THREADS": "1"}
+    # keep a PYTHONPATH the suite runs under (CI's transformers overlays) so the script sees the same versions
+    pythonpath = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": pythonpath, "TQDM_MININTERVAL": "5", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
         [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
     )
