@@ -33,6 +33,7 @@ from .layout import PAD_SEGMENT
 from .lm_head import response_logps
 from .logps import gather_response_logps
 from .patch import patch
+from .stats import dataset_stats
 
 # name -> (median prompt+completion tokens, median prompt/completion ratio), Table 1 of arXiv 2410.20305
 PAPER_PROFILES = {
@@ -78,13 +79,6 @@ def examples_from_lengths(lengths, vocab_size: int, seed: int = 0) -> list[dict]
         return torch.randint(3, vocab_size, (n,), generator=g).tolist()
 
     return [dict(prompt_input_ids=ids(p), chosen_input_ids=ids(c), rejected_input_ids=ids(r)) for p, c, r in lengths]
-
-
-def ideal_speedup(examples) -> float:
-    """Real tokens of the paired format over those of prefix sharing."""
-    paired = sum(2 * len(e["prompt_input_ids"]) + len(e["chosen_input_ids"]) + len(e["rejected_input_ids"]) for e in examples)
-    shared = sum(len(e["prompt_input_ids"]) + len(e["chosen_input_ids"]) + len(e["rejected_input_ids"]) for e in examples)
-    return paired / shared
 
 
 @dataclass
@@ -248,28 +242,31 @@ def run_bench(
         model_shape=shape, dtype=str(dtype).replace("torch.", ""), lora=lora, examples_per_step=examples_per_step,
         steps=steps, date=datetime.now(timezone.utc).strftime("%Y-%m-%d"),
     )
+    # per profile, once: the step batches, the packing budget, and the ideal speedup of exactly those examples
+    plans = {}
+    for profile, examples in profiles.items():
+        used = examples[: examples_per_step * (steps + 1)]
+        longest_pair = max(len(e["prompt_input_ids"]) + len(e["chosen_input_ids"]) + len(e["rejected_input_ids"])
+                           for e in examples)
+        # the paper's packing length: the batch's share of a fixed token budget, at least the longest unit
+        row_budget = budget or max(longest_pair, examples_per_step * longest_pair // 4)
+        batches = [used[i * examples_per_step : (i + 1) * examples_per_step] for i in range(steps + 1)]
+        plans[profile] = (batches, collators_for(row_budget))
+        result.ideal[profile] = dataset_stats(used).token_speedup
+
     cells = [(p, b, f) for b in backends for p in profiles for f in FORMATS]
     models = {}
     bar = tqdm(cells, desc="bench", disable=not progress)
     for profile, backend, fmt in bar:
         bar.set_postfix_str(f"{profile} {backend} {fmt}")
-        examples = profiles[profile]
-        batches = [examples[i * examples_per_step : (i + 1) * examples_per_step] for i in range(steps + 1)]
-        longest_pair = max(len(e["prompt_input_ids"]) + len(e["chosen_input_ids"]) + len(e["rejected_input_ids"])
-                           for e in examples)
-        # the paper's packing length: the batch's share of a fixed token budget, at least the longest unit
-        row_budget = budget or max(longest_pair, examples_per_step * longest_pair // 4)
+        batches, collators = plans[profile]
         if backend not in models:
             models.clear()  # one model in memory at a time
             models[backend] = build_model(shape, backend, dtype, device, lora)
-        model = models[backend]
-        step_s, peak, sizes = time_format(
-            model, collators_for(row_budget)[fmt], batches, device, native=fmt == "paired-native"
-        )
+        step_s, peak, sizes = time_format(models[backend], collators[fmt], batches, device, native=fmt == "paired-native")
         result.measurements.append(
             Measurement(profile, backend, fmt, examples_per_step / step_s, step_s, peak, **sizes)
         )
-        result.ideal[profile] = ideal_speedup(examples[: examples_per_step * (steps + 1)])
     return result
 
 
