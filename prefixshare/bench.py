@@ -72,6 +72,24 @@ def synthetic_lengths(profile: str, n: int, seed: int = 0, scale: float = 1.0) -
     return [(draw(p_med), draw(c_med), draw(c_med)) for _ in range(n)]
 
 
+def examples_from_file(path: str, tokenizer, n: int, vocab_size: int) -> list[dict]:
+    """The first ``n`` examples of a preference file (any format of :mod:`prefixshare.stats`), tokenized.
+
+    Token ids are folded into the model's vocabulary (``id % vocab_size``): the bench's models have random
+    weights, so only the lengths matter, and a tokenizer's vocabulary may be larger than the tiny model's.
+    """
+    from .stats import load_preference_file, tokenize_all
+
+    examples = tokenize_all(load_preference_file(path, limit=n), tokenizer)
+    if len(examples) < n:
+        raise ValueError(
+            f"{path}: {len(examples)} examples, the bench needs {n} (examples per step x (steps + 1)); "
+            "lower --examples-per-step or --steps"
+        )
+    keys = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
+    return [{key: [t % vocab_size for t in e[key]] for key in keys} for e in examples]
+
+
 def examples_from_lengths(lengths, vocab_size: int, seed: int = 0) -> list[dict]:
     g = torch.Generator().manual_seed(seed)
 

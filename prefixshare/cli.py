@@ -18,20 +18,19 @@ def _bench(args) -> int:
     backends = args.backends.split(",") if args.backends else bench.available_backends(device)
     n = args.examples_per_step * (args.steps + 1)
     vocab = bench.MODEL_SHAPES[shape]["vocab_size"]
+    # the paper's six profiles by default; with --data only the files, unless --profiles names some too
+    names = args.profiles.split(",") if args.profiles else ([] if args.data else list(bench.PAPER_PROFILES))
+    unknown = [name for name in names if name not in bench.PAPER_PROFILES]
+    if unknown:
+        raise SystemExit(f"unknown profile(s) {unknown}; choose from {', '.join(bench.PAPER_PROFILES)}")
     profiles = {
         name: bench.examples_from_lengths(bench.synthetic_lengths(name, n, seed=i, scale=args.length_scale), vocab, seed=i)
-        for i, name in enumerate(args.profiles.split(","))
+        for i, name in enumerate(names)
     }
     if args.data:
-        from .stats import load_preference_file, tokenize_all
-
         tokenizer = _load_tokenizer(args.tokenizer)
         for path in args.data:
-            examples = tokenize_all(load_preference_file(path), tokenizer)[:n]
-            for e in examples:  # the model's vocabulary may be smaller than the tokenizer's
-                for key in ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids"):
-                    e[key] = [t % vocab for t in e[key]]
-            profiles[os.path.basename(path)] = examples
+            profiles[os.path.basename(path)] = bench.examples_from_file(path, tokenizer, n, vocab)
     result = bench.run_bench(
         profiles, backends=backends, shape=shape, dtype=dtype, device=device, lora=args.lora,
         examples_per_step=args.examples_per_step, steps=args.steps, budget=args.budget,
@@ -40,7 +39,8 @@ def _bench(args) -> int:
     print(table)
     if args.out_dir:
         os.makedirs(args.out_dir, exist_ok=True)
-        stem = os.path.join(args.out_dir, f"bench-{result.device.split(':')[0]}-{shape}")
+        name = args.name or f"bench-{result.device.split(':')[0]}-{shape}{'-lora' if args.lora else ''}"
+        stem = os.path.join(args.out_dir, name)
         bench.save(result, stem + ".json", stem + ".png")
         with open(stem + ".md", "w") as f:
             f.write(f"Produced by `prefixshare {' '.join(args.argv)}`.\n\n{table}\n")
@@ -85,9 +85,9 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     b = sub.add_parser("bench", help="paired vs prefix-shared formats, side by side, forward+backward")
-    b.add_argument("--profiles", default="capybara,hh-rlhf,metamath-dpo,tldr,tulu-helpsteer,ultrafeedback",
-                   help="comma-separated dataset profiles of the paper (synthetic lengths)")
-    b.add_argument("--data", nargs="*", help="real preference data files (json/jsonl[.gz]); needs --tokenizer")
+    b.add_argument("--profiles", help="comma-separated dataset profiles of the paper (synthetic lengths): "
+                   "capybara,hh-rlhf,metamath-dpo,tldr,tulu-helpsteer,ultrafeedback (default: all six, none with --data)")
+    b.add_argument("--data", nargs="+", help="real preference data files (json/jsonl[.gz]); needs --tokenizer")
     b.add_argument("--tokenizer", help="tokenizer directory or SentencePiece .model file")
     b.add_argument("--backends", help="comma-separated: eager,sdpa,varlen,flex_attention (default: eager,sdpa on CPU, all four on GPU)")
     b.add_argument("--shape", choices=["tiny", "1b", "8b"], help="model shape (default: tiny on CPU, 1b on GPU)")
@@ -96,9 +96,10 @@ def main(argv=None) -> int:
     b.add_argument("--lora", action="store_true", help="train LoRA adapters (r=16 on attention projections)")
     b.add_argument("--examples-per-step", type=int, default=8)
     b.add_argument("--steps", type=int, default=3, help="timed steps per cell (after one warm-up step)")
-    b.add_argument("--length-scale", type=float, default=1.0, help="scale the profiles' lengths (e.g. 0.25 on CPU)")
+    b.add_argument("--length-scale", type=float, default=1.0, help="scale the synthetic profiles' lengths (e.g. 0.25 on CPU)")
     b.add_argument("--budget", type=int, help="max_tokens_per_row of the packed formats")
     b.add_argument("--out-dir", help="write JSON, PNG and a markdown table here")
+    b.add_argument("--name", help="file name stem in --out-dir (default: bench-DEVICE-SHAPE[-lora])")
     b.set_defaults(run=_bench)
 
     s = sub.add_parser("stats", help="token counts per format and the predicted speedup of a preference dataset")
@@ -110,7 +111,10 @@ def main(argv=None) -> int:
 
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except (ValueError, OSError) as error:  # bad input or a missing file: the message, not a traceback
+        parser.exit(2, f"prefixshare {args.command}: error: {error}\n")
 
 
 if __name__ == "__main__":

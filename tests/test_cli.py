@@ -78,3 +78,39 @@ def test_bench_runs_side_by_side(tmp_path, capsys):
     assert {m["format"] for m in data["measurements"]} == set(bench.FORMATS)
     assert {m["backend"] for m in data["measurements"]} == {"sdpa", "varlen"}
     assert (tmp_path / "bench-cpu-tiny.png").stat().st_size > 0
+
+
+def _write_rows(path, rows):
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return str(path)
+
+
+def test_bench_on_a_data_file(tmp_path, capsys):
+    from prefixshare.data import load_toy_preferences, toy_tokenizer
+
+    tokenizer_dir = tmp_path / "tokenizer"
+    toy_tokenizer().save_pretrained(tokenizer_dir)
+    data = _write_rows(tmp_path / "pairs.jsonl", load_toy_preferences()[:4])
+    cli.main([
+        "bench", "--data", data, "--tokenizer", str(tokenizer_dir), "--backends", "sdpa",
+        "--examples-per-step", "2", "--steps", "1", "--out-dir", str(tmp_path), "--name", "real",
+    ])
+    assert "| pairs.jsonl | sdpa |" in capsys.readouterr().out  # only the file: no synthetic profile
+    result = json.loads((tmp_path / "real.json").read_text())
+    assert {m["profile"] for m in result["measurements"]} == {"pairs.jsonl"}
+    # the ideal speedup is that of exactly the 4 examples the bench ran
+    assert result["ideal"]["pairs.jsonl"] > 1.0
+
+
+def test_bench_rejects_bad_input(tmp_path, capsys):
+    from prefixshare.data import load_toy_preferences, toy_tokenizer
+
+    tokenizer_dir = tmp_path / "tokenizer"
+    toy_tokenizer().save_pretrained(tokenizer_dir)
+    data = _write_rows(tmp_path / "pairs.jsonl", load_toy_preferences()[:3])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["bench", "--data", data, "--tokenizer", str(tokenizer_dir), "--examples-per-step", "2"])
+    assert exit_info.value.code == 2
+    assert "3 examples, the bench needs 8" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="unknown profile"):
+        cli.main(["bench", "--profiles", "tldr,hh_rlhf"])
