@@ -122,6 +122,7 @@ class BenchResult:
     model_shape: str
     dtype: str
     lora: bool
+    gradient_checkpointing: bool
     examples_per_step: int
     steps: int
     date: str
@@ -150,7 +151,7 @@ def collators_for(budget: int):
     }
 
 
-def build_model(shape: str, backend: str, dtype: torch.dtype, device: str, lora: bool):
+def build_model(shape: str, backend: str, dtype: torch.dtype, device: str, lora: bool, gradient_checkpointing: bool = False):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from ._compat import DTYPE_KWARG
@@ -162,6 +163,8 @@ def build_model(shape: str, backend: str, dtype: torch.dtype, device: str, lora:
         # the paired-native baseline runs the kernel the model is loaded with: FlashAttention-2 where installed
         kernel = "flash_attention_2" if device.startswith("cuda") and _has_flash_attn() else "sdpa"
     model = AutoModelForCausalLM.from_config(config, attn_implementation=kernel, **{DTYPE_KWARG: dtype}).to(device)
+    if gradient_checkpointing:  # what fits an 8B model's activations on one GPU; the layout survives recompute
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if lora:
         from peft import LoraConfig, get_peft_model
 
@@ -241,6 +244,7 @@ def run_bench(
     dtype: torch.dtype = torch.float32,
     device: str = "cpu",
     lora: bool = False,
+    gradient_checkpointing: bool = False,
     examples_per_step: int = 8,
     steps: int = 3,
     budget: int | None = None,
@@ -257,7 +261,8 @@ def run_bench(
 
     result = BenchResult(
         machine=describe_machine(device), device=device, torch=torch.__version__, transformers=transformers.__version__,
-        model_shape=shape, dtype=str(dtype).replace("torch.", ""), lora=lora, examples_per_step=examples_per_step,
+        model_shape=shape, dtype=str(dtype).replace("torch.", ""), lora=lora,
+        gradient_checkpointing=gradient_checkpointing, examples_per_step=examples_per_step,
         steps=steps, date=datetime.now(timezone.utc).strftime("%Y-%m-%d"),
     )
     # per profile, once: the step batches, the packing budget, and the ideal speedup of exactly those examples
@@ -280,7 +285,7 @@ def run_bench(
         batches, collators = plans[profile]
         if backend not in models:
             models.clear()  # one model in memory at a time
-            models[backend] = build_model(shape, backend, dtype, device, lora)
+            models[backend] = build_model(shape, backend, dtype, device, lora, gradient_checkpointing)
         step_s, peak, sizes = time_format(models[backend], collators[fmt], batches, device, native=fmt == "paired-native")
         result.measurements.append(
             Measurement(profile, backend, fmt, examples_per_step / step_s, step_s, peak, **sizes)
@@ -292,7 +297,8 @@ def format_table(result: BenchResult) -> str:
     ratios = result.ratios()
     lines = [
         f"prefixshare bench: {result.machine}, {result.device}, torch {result.torch}, transformers "
-        f"{result.transformers}, model {result.model_shape}{' + LoRA' if result.lora else ''}, {result.dtype}, "
+        f"{result.transformers}, model {result.model_shape}{' + LoRA' if result.lora else ''}"
+        f"{', gradient checkpointing' if result.gradient_checkpointing else ''}, {result.dtype}, "
         f"{result.examples_per_step} examples/step, {result.date}",
         "",
         "| profile | backend | ideal | " + " | ".join(f"{f} samples/s (x)" for f in FORMATS) + " | shared-packed / ideal |",

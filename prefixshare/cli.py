@@ -33,6 +33,7 @@ def _bench(args) -> int:
             profiles[os.path.basename(path)] = bench.examples_from_file(path, tokenizer, n, vocab)
     result = bench.run_bench(
         profiles, backends=backends, shape=shape, dtype=dtype, device=device, lora=args.lora,
+        gradient_checkpointing=args.gradient_checkpointing,
         examples_per_step=args.examples_per_step, steps=args.steps, budget=args.budget,
     )
     table = bench.format_table(result)
@@ -94,6 +95,8 @@ def main(argv=None) -> int:
     b.add_argument("--dtype", choices=["float32", "bfloat16"])
     b.add_argument("--device")
     b.add_argument("--lora", action="store_true", help="train LoRA adapters (r=16 on attention projections)")
+    b.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute each layer in backward (what an 8b model needs to fit one GPU)")
     b.add_argument("--examples-per-step", type=int, default=8)
     b.add_argument("--steps", type=int, default=3, help="timed steps per cell (after one warm-up step)")
     b.add_argument("--length-scale", type=float, default=1.0, help="scale the synthetic profiles' lengths (e.g. 0.25 on CPU)")

@@ -92,12 +92,14 @@ def test_bench_on_a_data_file(tmp_path, capsys):
     toy_tokenizer().save_pretrained(tokenizer_dir)
     data = _write_rows(tmp_path / "pairs.jsonl", load_toy_preferences()[:4])
     cli.main([
-        "bench", "--data", data, "--tokenizer", str(tokenizer_dir), "--backends", "sdpa",
-        "--examples-per-step", "2", "--steps", "1", "--out-dir", str(tmp_path), "--name", "real",
+        "bench", "--data", data, "--tokenizer", str(tokenizer_dir), "--backends", "sdpa", "--lora",
+        "--gradient-checkpointing", "--examples-per-step", "2", "--steps", "1", "--out-dir", str(tmp_path),
+        "--name", "real",
     ])
     assert "| pairs.jsonl | sdpa |" in capsys.readouterr().out  # only the file: no synthetic profile
     result = json.loads((tmp_path / "real.json").read_text())
     assert {m["profile"] for m in result["measurements"]} == {"pairs.jsonl"}
+    assert result["lora"] and result["gradient_checkpointing"]
     # the ideal speedup is that of exactly the 4 examples the bench ran
     assert result["ideal"]["pairs.jsonl"] > 1.0
 
