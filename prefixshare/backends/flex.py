@@ -6,24 +6,52 @@ import functools
 import warnings
 
 import torch
+from packaging.version import Version
 
 from ..masks import block_mask
 from ._common import check_shapes
 
-# FlexAttention compiles one kernel per shape: align lengths so batches share few shapes
+# lengths padded to whole 128-token blocks (the BlockMask's block size), so batches share few shapes
 ALIGNMENT = 128
+
+
+def _compile_options() -> dict:
+    """``torch.compile`` options for FlexAttention on this torch.
+
+    Batch sizes and (aligned) lengths change from batch to batch. With ``dynamic=False`` every new shape
+    compiles another kernel, and past dynamo's recompile limit (8) FlexAttention silently falls back to its
+    unfused path, which materializes every score. The default (automatic dynamic: a dimension seen to
+    change is compiled symbolically from then on) keeps the number of kernels small, as transformers
+    compiles it from torch 2.6.1 on. On torch 2.5 and 2.6.0 transformers compiles with ``dynamic=False``
+    (2.6.0 with "max-autotune-no-cudagraphs" for training, pytorch issue 146260), and so do we.
+    """
+    release = Version(torch.__version__).release[:3]
+    if release < (2, 6):
+        return {"dynamic": False}
+    if release == (2, 6, 0):
+        return {"dynamic": False, "mode": "max-autotune-no-cudagraphs"}
+    return {}
+
+
+def compile_flex(**options):
+    """``torch.compile(flex_attention)`` with :func:`_compile_options`; ``options`` win (tests pass a backend)."""
+    from torch.nn.attention.flex_attention import flex_attention as flex
+
+    return torch.compile(flex, **{**_compile_options(), **options})
 
 
 @functools.cache
 def _compiled_flex():
-    from torch.nn.attention.flex_attention import flex_attention as flex
-
-    return torch.compile(flex, dynamic=False)
+    return compile_flex()  # one compiled function for every layer and batch
 
 
 def _flex_function(device: torch.device):
-    if device.type == "cuda":
+    if device.type == "cuda" and not torch.compiler.is_compiling():
         return _compiled_flex()
+    if device.type == "cuda":  # inside a model compiled by the user: dynamo traces flex_attention itself
+        from torch.nn.attention.flex_attention import flex_attention as flex
+
+        return flex
     from torch.nn.attention.flex_attention import flex_attention as flex
 
     @functools.wraps(flex)
