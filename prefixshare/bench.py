@@ -192,35 +192,40 @@ def _sync(device):
 
 
 def time_format(
-    model, collator, batches, device: str, warmup: int = 1, native: bool = False
+    model, collator, batches, device: str, native: bool = False
 ) -> tuple[float, float | None, dict]:
-    """Seconds per step (forward + backward of a DPO-style sum of log-probs) and peak memory in MB."""
+    """Seconds per step (forward + backward of a DPO-style sum of log-probs) and peak memory in MB.
+
+    The first batch is a warm-up step and the rest are timed. On CUDA every batch is run once before the
+    timing: kernels compile and autotune per shape there (FlexAttention: the first few shapes), and that
+    must not be timed.
+    """
     prepared = [collator(b).to(device) for b in batches]
+    timed = prepared[1:] or prepared
 
     def step(batch):
         logps = native_logps(model, batch) if native else response_logps(model, batch).logps
         logps.sum().backward()
 
-    for batch in prepared[:warmup]:
+    for batch in prepared if device.startswith("cuda") else prepared[:1]:
         step(batch)
     model.zero_grad(set_to_none=True)
     _sync(device)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    for batch in prepared[warmup:]:
+    for batch in timed:
         step(batch)
     _sync(device)
-    elapsed = (time.perf_counter() - start) / max(1, len(prepared) - warmup)
+    elapsed = (time.perf_counter() - start) / len(timed)
     model.zero_grad(set_to_none=True)
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else None
-    first = prepared[0]
-    layout = first.layout
+    # per timed step, on average (rows and row length: the first timed batch)
     shape = {
-        "tokens_real": sum(b.layout.num_tokens for b in prepared[warmup:]) // max(1, len(prepared) - warmup),
-        "tokens_padded": first["input_ids"].numel(),
-        "rows": layout.shape[0],
-        "row_length": layout.shape[1],
+        "tokens_real": sum(b.layout.num_tokens for b in timed) // len(timed),
+        "tokens_padded": sum(b["input_ids"].numel() for b in timed) // len(timed),
+        "rows": timed[0].layout.shape[0],
+        "row_length": timed[0].layout.shape[1],
     }
     return elapsed, peak, shape
 
