@@ -25,6 +25,7 @@ __all__ = [
     "ALL_MASK_ATTENTION_FUNCTIONS",
     "DTYPE_KWARG",
     "IS_TRANSFORMERS_5",
+    "enable_gradient_checkpointing",
     "TRANSFORMERS_VERSION",
     "get_attn_implementation",
     "model_eager_attention",
@@ -70,3 +71,15 @@ def register_attention(name: str, attention_function: Callable, mask_function: C
     """Register an attention function and the mask builder that goes with it (process-global)."""
     ALL_ATTENTION_FUNCTIONS.register(name, attention_function)
     ALL_MASK_ATTENTION_FUNCTIONS.register(name, mask_function)
+
+
+def enable_gradient_checkpointing(model, **checkpoint_kwargs) -> None:
+    """Recompute each decoder layer in backward; ``checkpoint_kwargs`` go to ``torch.utils.checkpoint``.
+
+    transformers 5.23 renamed ``gradient_checkpointing_enable`` to ``activation_checkpointing_enable`` (the
+    old name warns); earlier releases have only the old one.
+    """
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpoint_kwargs or None)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs or None)

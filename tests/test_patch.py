@@ -24,7 +24,7 @@ from prefixshare import (
     patched_backend,
     unpatch,
 )
-from prefixshare._compat import get_attn_implementation
+from prefixshare._compat import enable_gradient_checkpointing, get_attn_implementation
 from prefixshare.logps import gather_response_logps
 from prefixshare.testing import compare_with_alone, random_examples
 from prefixshare.tiny import ARCHITECTURE_NAMES, tiny_model
@@ -183,21 +183,13 @@ def test_flex_backward_on_cpu_raises_a_clear_error():
     assert "backend='eager'" in str(info.value)  # and says what to use instead
 
 
-def _enable_checkpointing(model, use_reentrant: bool) -> None:
-    kwargs = {"use_reentrant": use_reentrant}
-    if hasattr(model, "activation_checkpointing_enable"):  # the 5.x name; gradient_checkpointing_enable warns there
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-
-
 @pytest.mark.parametrize("use_reentrant", [False, True])
 @pytest.mark.parametrize(
     "architecture,backend", [("llama", "sdpa"), ("gemma2", "eager"), ("gemma3", "sdpa")]
 )
 def test_gradient_checkpointing_matches_runs_alone(architecture, backend, use_reentrant):
     model = patch(fresh(architecture, backend))
-    _enable_checkpointing(model, use_reentrant)
+    enable_gradient_checkpointing(model, use_reentrant=use_reentrant)
     model.train()
     assert getattr(model, "is_activation_checkpointing", None) or model.is_gradient_checkpointing
     report = compare_with_alone(reference(architecture, backend), model, examples(seed=4), COLLATORS["prefix-packed"]())

@@ -34,6 +34,7 @@ import torch
 
 import prefixshare
 from prefixshare import PairedCollator, PrefixShareCollator
+from prefixshare._compat import enable_gradient_checkpointing
 from prefixshare.reference import (
     REFERENCE_LOGPS_KEY,
     WithReferenceLogps,
@@ -67,11 +68,6 @@ def batches_of_examples(seed: int = 0) -> list[list[dict]]:
     """STEPS batches of BATCH random pairs; prompts longer than the tiny sliding window (8 tokens)."""
     examples = random_examples(STEPS * BATCH, VOCAB, seed=seed, prompt_lengths=(4, 24), response_lengths=(1, 12))
     return [examples[i * BATCH : (i + 1) * BATCH] for i in range(STEPS)]
-
-
-def enable_checkpointing(model) -> None:
-    # transformers 5.x renamed gradient_checkpointing_enable (the old name warns)
-    getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
 
 
 def train(model, ref, collator, batches, loss: str, lr: float):
@@ -148,7 +144,7 @@ def test_gradient_checkpointing_agrees_across_formats_and_with_plain_training():
     def make(name):
         model = patched_tiny("llama", "eager")
         if name != "shared_without_checkpointing":
-            enable_checkpointing(model)
+            enable_gradient_checkpointing(model)
         return model
 
     assert_formats_agree(make, frozen_reference("llama", "eager"), "dpo", formats=formats)
