@@ -72,3 +72,29 @@ def test_static_shapes_would_hit_the_recompile_limit():
         with pytest.raises(torch._dynamo.exc.FailOnRecompileLimitHit):
             run_all(compile_flex(backend="aot_eager", dynamic=False), batches_of_changing_shape())
     torch._dynamo.reset()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: the fused FlexAttention kernel and its backward")
+@pytest.mark.parametrize("softcap", [None, 2.0])
+def test_cuda_backend_across_batch_shapes_matches_dense_attention(softcap):
+    """The backend as models call it (compiled kernel, length padded to 128, GQA, window, softcap), forward
+    and backward in float32, against the eager backend's dense attention, over more shapes than the limit."""
+    from types import SimpleNamespace
+
+    from prefixshare.backends import eager_attention, flex_attention
+
+    module = SimpleNamespace(training=True)
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        for layout, q, k, v in batches_of_changing_shape():
+            layout = layout.to("cuda")
+            inputs = [t.to("cuda").requires_grad_() for t in (q, k, v)]
+            reference = [t.detach().clone().requires_grad_() for t in inputs]
+            options = dict(scaling=0.25, sliding_window=8, softcap=softcap)
+            got, _ = flex_attention(module, *inputs, layout, **options)
+            want, _ = eager_attention(module, *reference, layout, **options)
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+            got.pow(2).sum().backward()
+            want.pow(2).sum().backward()
+            for a, b in zip(inputs, reference):
+                torch.testing.assert_close(a.grad, b.grad, atol=1e-4, rtol=1e-4)
