@@ -28,6 +28,7 @@ from datetime import datetime, timezone
 import torch
 
 from ._machine import describe_machine
+from .backends.varlen import has_cuda_varlen_kernel
 from .collators import PairedCollator, PrefixShareCollator
 from .layout import PAD_SEGMENT
 from .lm_head import response_logps
@@ -128,6 +129,8 @@ class BenchResult:
     date: str
     measurements: list[Measurement] = field(default_factory=list)
     ideal: dict = field(default_factory=dict)
+    # cells that ran out of device memory: {"profile", "backend", "format", "error"}
+    out_of_memory: list[dict] = field(default_factory=list)
 
     def ratios(self):
         """(profile, backend) -> {format: samples/s over the best paired format}."""
@@ -136,8 +139,8 @@ class BenchResult:
             table.setdefault((m.profile, m.backend), {})[m.format] = m.samples_per_s
         out = {}
         for key, row in table.items():
-            baseline = max(v for f, v in row.items() if f.startswith("paired"))
-            out[key] = {f: v / baseline for f, v in row.items()}
+            paired = [v for f, v in row.items() if f.startswith("paired")]
+            out[key] = {f: v / max(paired) for f, v in row.items()} if paired else {}
         return out
 
 
@@ -233,11 +236,12 @@ def time_format(
 def available_backends(device: str) -> list[str]:
     """Backends that train (forward and backward) at speed on ``device``.
 
-    Off CUDA, varlen runs its reference kernel (a loop over sequences, for exactness, not speed) and
-    FlexAttention has no backward.
+    On CUDA: sdpa, FlexAttention, and varlen where flash-attn or torch's varlen kernel is installed (eager
+    materializes every score; ``--backends eager`` still measures it). Off CUDA, varlen runs its reference
+    kernel (a loop over sequences, for exactness, not speed) and FlexAttention has no backward.
     """
     if device.startswith("cuda"):
-        return ["eager", "sdpa", "flex_attention", "varlen"]
+        return ["sdpa", "flex_attention"] + (["varlen"] if has_cuda_varlen_kernel() else [])
     return ["eager", "sdpa"]
 
 
@@ -291,7 +295,13 @@ def run_bench(
         if backend not in models:
             models.clear()  # one model in memory at a time
             models[backend] = build_model(shape, backend, dtype, device, lora, gradient_checkpointing)
-        step_s, peak, sizes = time_format(models[backend], collators[fmt], batches, device, native=fmt == "paired-native")
+        try:
+            step_s, peak, sizes = time_format(models[backend], collators[fmt], batches, device, native=fmt == "paired-native")
+        except torch.cuda.OutOfMemoryError as error:  # one format too large for the device: report it, go on
+            models[backend].zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+            result.out_of_memory.append(dict(profile=profile, backend=backend, format=fmt, error=str(error).split("\n")[0]))
+            continue
         result.measurements.append(
             Measurement(profile, backend, fmt, examples_per_step / step_s, step_s, peak, **sizes)
         )
@@ -312,19 +322,32 @@ def format_table(result: BenchResult) -> str:
     by_key = {}
     for m in result.measurements:
         by_key.setdefault((m.profile, m.backend), {})[m.format] = m
+    failed = {(f["profile"], f["backend"], f["format"]) for f in result.out_of_memory}
+    for f in result.out_of_memory:
+        by_key.setdefault((f["profile"], f["backend"]), {})
+
+    def cell(profile, backend, fmt, row, r):
+        if (profile, backend, fmt) in failed:
+            return "out of memory"
+        if fmt not in row:
+            return "-"
+        ratio = f" ({r[fmt]:.2f}x)" if fmt in r else ""  # no ratio where every paired format ran out of memory
+        return f"{row[fmt].samples_per_s:.2f}{ratio}"
+
     for (profile, backend), row in by_key.items():
-        r = ratios[(profile, backend)]
-        cells = [f"{row[f].samples_per_s:.2f} ({r[f]:.2f}x)" if f in row else "-" for f in FORMATS]
+        r = ratios.get((profile, backend), {})
+        cells = [cell(profile, backend, f, row, r) for f in FORMATS]
         ideal = result.ideal[profile]
-        lines.append(
-            f"| {profile} | {backend} | {ideal:.2f}x | " + " | ".join(cells) + f" | {r.get('shared-packed', 0) / ideal:.0%} |"
-        )
+        of_ideal = f"{r['shared-packed'] / ideal:.0%}" if "shared-packed" in r else "-"
+        lines.append(f"| {profile} | {backend} | {ideal:.2f}x | " + " | ".join(cells) + f" | {of_ideal} |")
     if any(m.peak_memory_mb for m in result.measurements):
         lines += ["", "| profile | backend | " + " | ".join(f"{f} peak MB" for f in FORMATS) + " |",
                   "|---|---|" + "---|" * len(FORMATS)]
         for (profile, backend), row in by_key.items():
             lines.append(f"| {profile} | {backend} | " + " | ".join(
-                f"{row[f].peak_memory_mb:.0f}" if f in row and row[f].peak_memory_mb else "-" for f in FORMATS) + " |")
+                "out of memory" if (profile, backend, f) in failed
+                else f"{row[f].peak_memory_mb:.0f}" if f in row and row[f].peak_memory_mb else "-"
+                for f in FORMATS) + " |")
     lines += ["", "(x) = samples/s over the best paired format of the same profile and backend; ideal = paired "
               "real tokens / shared real tokens."]
     return "\n".join(lines)

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from prefixshare import bench, cli
 from prefixshare.stats import dataset_stats, load_preference_file
@@ -116,3 +117,27 @@ def test_bench_rejects_bad_input(tmp_path, capsys):
     assert "3 examples, the bench needs 8" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="unknown profile"):
         cli.main(["bench", "--profiles", "tldr,hh_rlhf"])
+
+
+def test_bench_reports_a_format_that_runs_out_of_memory_and_goes_on(monkeypatch, tmp_path):
+    time_format = bench.time_format
+
+    def out_of_memory_for_paired(model, collator, batches, device, native=False):
+        if isinstance(collator, bench.PairedCollator) and not native and collator.max_tokens_per_row is None:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
+        return time_format(model, collator, batches, device, native=native)
+
+    monkeypatch.setattr(bench, "time_format", out_of_memory_for_paired)
+    examples = bench.examples_from_lengths(bench.synthetic_lengths("tldr", 4, scale=0.05), vocab_size=8192)
+    result = bench.run_bench({"tldr": examples}, backends=["sdpa"], examples_per_step=2, steps=1, progress=False)
+    assert result.out_of_memory == [
+        dict(profile="tldr", backend="sdpa", format="paired", error="CUDA out of memory. Tried to allocate 2.00 GiB")
+    ]
+    assert {m.format for m in result.measurements} == set(bench.FORMATS) - {"paired"}
+    row = next(line for line in bench.format_table(result).splitlines() if line.startswith("| tldr | sdpa |"))
+    assert "| out of memory |" in row
+    # the ratios are over the best paired format that ran
+    ratios = result.ratios()[("tldr", "sdpa")]
+    assert max(ratios["paired-native"], ratios["paired-packed"]) == 1.0 and "paired" not in ratios
+    bench.save(result, str(tmp_path / "r.json"))
+    assert json.loads((tmp_path / "r.json").read_text())["out_of_memory"][0]["format"] == "paired"

@@ -39,6 +39,11 @@ def _torch_varlen():
     return varlen_attn
 
 
+def has_cuda_varlen_kernel() -> bool:
+    """Whether a CUDA variable-length kernel is installed (else every device runs :func:`reference_varlen`)."""
+    return _flash_attn_varlen() is not None or _torch_varlen() is not None
+
+
 def reference_varlen(q, k, v, seq, *, scale, window_left, softcap, enable_gqa):
     """Bottom-right-aligned causal attention over each sequence, one SDPA (or explicit) call per sequence.
 
