@@ -8,10 +8,13 @@
 #   matrix      the compatibility matrix on CUDA: bfloat16 cells, FlexAttention gradients, the CUDA varlen
 #               kernels (full and LoRA; QLoRA needs bitsandbytes, absent from the lent machines' image)
 #   bench-1b    prefixshare bench, a Llama-3.2-1B-shaped model, full fine-tuning, bfloat16
-#   bench-8b    prefixshare bench, a Llama-3-8B-shaped model, LoRA, gradient checkpointing, bfloat16
+#   bench-8b    prefixshare bench, a Llama-3-8B-shaped model, LoRA, bfloat16
+#               (both with gradient checkpointing, so that the paired baselines of the long profiles fit)
 #
 # Runs from the repository root with the machine's own torch and transformers (nothing is installed:
 # the package is put on PYTHONPATH). Each step is bounded by STEP_TIMEOUT seconds (default 540).
+# BENCH_ARGS is added to the bench steps, e.g. BENCH_ARGS="--profiles tldr,hh-rlhf --name bench-cuda-8b-a"
+# to split a benchmark that would outlast one call (six profiles x three backends x five formats).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:?usage: bash bench/gpu_session.sh OUT_DIR kernels|matrix|bench-1b|bench-8b ...}
@@ -32,8 +35,8 @@ for step in "$@"; do
     case $step in
         kernels) command=(python3 -m pytest -q -p no:cacheprovider -rs tests/test_varlen.py tests/test_flex.py) ;;
         matrix) command=(python3 compat/run_matrix.py --adapter full,lora --out "$out/MATRIX.md" --json "$out/matrix.json") ;;
-        bench-1b) command=(python3 -m prefixshare.cli bench --shape 1b --out-dir "$out") ;;
-        bench-8b) command=(python3 -m prefixshare.cli bench --shape 8b --lora --gradient-checkpointing --out-dir "$out") ;;
+        bench-1b) command=(python3 -m prefixshare.cli bench --shape 1b --gradient-checkpointing --out-dir "$out" ${BENCH_ARGS:-}) ;;
+        bench-8b) command=(python3 -m prefixshare.cli bench --shape 8b --lora --gradient-checkpointing --out-dir "$out" ${BENCH_ARGS:-}) ;;
         *) echo "unknown step $step (kernels, matrix, bench-1b, bench-8b)" >&2; exit 2 ;;
     esac
     echo "== $step: ${command[*]}"
