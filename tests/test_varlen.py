@@ -87,3 +87,24 @@ def test_cuda_varlen_kernel_aligns_bottom_right(window, dtype):
     got = _run_kernel(q, k, v, seq, **options)
     want = reference_varlen(q.float(), k.float(), v.float(), seq, **options)
     torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
+
+
+def test_torch_varlen_kernel_needs_scale_window_and_gqa(monkeypatch):
+    varlen_module = pytest.importorskip("torch.nn.attention.varlen")
+    from prefixshare.backends import varlen
+
+    def first_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
+        raise AssertionError("not to be called")  # torch 2.10's signature
+
+    def later_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                          window_size=(-1, -1), enable_gqa=False):
+        raise AssertionError("not to be called")
+
+    try:
+        for kernel, usable in ((first_varlen_attn, False), (later_varlen_attn, True)):
+            monkeypatch.setattr(varlen_module, "varlen_attn", kernel)
+            varlen._torch_varlen.cache_clear()
+            assert (varlen._torch_varlen() is kernel) is usable
+    finally:
+        monkeypatch.undo()
+        varlen._torch_varlen.cache_clear()

@@ -15,6 +15,7 @@ sequences with SDPA (CPU, float32 on CUDA) that defines the semantics the kernel
 from __future__ import annotations
 
 import functools
+import inspect
 
 import torch
 
@@ -35,6 +36,9 @@ def _torch_varlen():
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
+        return None
+    # torch 2.10's first varlen_attn has only is_causal: no scale, window or grouped-query heads
+    if not {"scale", "window_size", "enable_gqa"} <= inspect.signature(varlen_attn).parameters.keys():
         return None
     return varlen_attn
 
