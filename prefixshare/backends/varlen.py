@@ -28,6 +28,9 @@ def _flash_attn_varlen():
         from flash_attn import flash_attn_varlen_func
     except ImportError:
         return None
+    # softcap arrived in flash-attn 2.6, window_size in 2.3
+    if not {"softcap", "window_size"} <= inspect.signature(flash_attn_varlen_func).parameters.keys():
+        return None
     return flash_attn_varlen_func
 
 
