@@ -46,13 +46,11 @@ def _compiled_flex():
 
 
 def _flex_function(device: torch.device):
-    if device.type == "cuda" and not torch.compiler.is_compiling():
-        return _compiled_flex()
-    if device.type == "cuda":  # inside a model compiled by the user: dynamo traces flex_attention itself
-        from torch.nn.attention.flex_attention import flex_attention as flex
-
-        return flex
     from torch.nn.attention.flex_attention import flex_attention as flex
+
+    if device.type == "cuda":
+        # inside a model the user compiled, dynamo traces flex_attention itself
+        return flex if torch.compiler.is_compiling() else _compiled_flex()
 
     @functools.wraps(flex)
     def uncompiled(*args, **kwargs):
