@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import prefixshare as ps
-from prefixshare.backends.flex import ALIGNMENT, _compile_options, compile_flex
+from prefixshare.backends.flex import _compile_options, aligned_length, compile_flex
 from prefixshare.masks import block_mask
 from prefixshare.testing import random_examples
 
@@ -34,7 +34,7 @@ def batches_of_changing_shape(count=12):
         layout = ps.PrefixShareCollator(0, max_tokens_per_row=budget)(
             random_examples(n, 50, seed=seed, prompt_lengths=(5, 90), response_lengths=(3, 60))
         ).layout
-        layout = layout.padded(-(-layout.shape[1] // ALIGNMENT) * ALIGNMENT)
+        layout = layout.padded(aligned_length(layout.shape[1]))
         if layout.shape in seen:
             continue
         seen.add(layout.shape)

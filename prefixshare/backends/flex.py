@@ -15,6 +15,11 @@ from ._common import check_shapes
 ALIGNMENT = 128
 
 
+def aligned_length(length: int) -> int:
+    """``length`` rounded up to whole :data:`ALIGNMENT`-token blocks (what the CUDA path pads to)."""
+    return -(-length // ALIGNMENT) * ALIGNMENT
+
+
 def _compile_options() -> dict:
     """``torch.compile`` options for FlexAttention on this torch.
 
@@ -76,7 +81,7 @@ def flex_attention(module, query, key, value, layout, *, scaling, dropout=0.0, s
         )
     n_rep = check_shapes(query, key)
     L = query.shape[2]
-    padded_length = -(-L // ALIGNMENT) * ALIGNMENT if query.device.type == "cuda" else L
+    padded_length = aligned_length(L) if query.device.type == "cuda" else L
     if padded_length != L:
         pad = (0, 0, 0, padded_length - L)
         query, key, value = (torch.nn.functional.pad(t, pad) for t in (query, key, value))
