@@ -81,19 +81,20 @@ def test_bench_runs_side_by_side(tmp_path, capsys):
     assert (tmp_path / "bench-cpu-tiny.png").stat().st_size > 0
 
 
-def _write_rows(path, rows):
-    path.write_text("\n".join(json.dumps(r) for r in rows))
-    return str(path)
+def toy_data(folder, n):
+    """(tokenizer directory, jsonl file of the first ``n`` shipped toy pairs), both written under ``folder``."""
+    from prefixshare.data import load_toy_preferences, toy_tokenizer
+
+    toy_tokenizer().save_pretrained(folder / "tokenizer")
+    data = folder / "pairs.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in load_toy_preferences()[:n]))
+    return str(folder / "tokenizer"), str(data)
 
 
 def test_bench_on_a_data_file(tmp_path, capsys):
-    from prefixshare.data import load_toy_preferences, toy_tokenizer
-
-    tokenizer_dir = tmp_path / "tokenizer"
-    toy_tokenizer().save_pretrained(tokenizer_dir)
-    data = _write_rows(tmp_path / "pairs.jsonl", load_toy_preferences()[:4])
+    tokenizer_dir, data = toy_data(tmp_path, 4)
     cli.main([
-        "bench", "--data", data, "--tokenizer", str(tokenizer_dir), "--backends", "sdpa", "--lora",
+        "bench", "--data", data, "--tokenizer", tokenizer_dir, "--backends", "sdpa", "--lora",
         "--gradient-checkpointing", "--examples-per-step", "2", "--steps", "1", "--out-dir", str(tmp_path),
         "--name", "real",
     ])
@@ -106,13 +107,9 @@ def test_bench_on_a_data_file(tmp_path, capsys):
 
 
 def test_bench_rejects_bad_input(tmp_path, capsys):
-    from prefixshare.data import load_toy_preferences, toy_tokenizer
-
-    tokenizer_dir = tmp_path / "tokenizer"
-    toy_tokenizer().save_pretrained(tokenizer_dir)
-    data = _write_rows(tmp_path / "pairs.jsonl", load_toy_preferences()[:3])
+    tokenizer_dir, data = toy_data(tmp_path, 3)
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(["bench", "--data", data, "--tokenizer", str(tokenizer_dir), "--examples-per-step", "2"])
+        cli.main(["bench", "--data", data, "--tokenizer", tokenizer_dir, "--examples-per-step", "2"])
     assert exit_info.value.code == 2
     assert "3 examples, the bench needs 8" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="unknown profile"):
