@@ -52,7 +52,7 @@ from torch.utils.data import DataLoader
 
 import prefixshare
 from prefixshare import PrefixShareCollator
-from prefixshare.lm_head import response_logps
+from prefixshare import response_logps
 from prefixshare.losses import REFERENCE_FREE, preference_loss
 from prefixshare.sampler import TokenBudgetBatchSampler
 
@@ -314,8 +314,9 @@ def make_sampler(args, examples, collator, num_replicas: int, rank: int) -> Toke
 def pair_loss_sum(args, policy, reference, batch):
     """``(sum of per-pair losses, metrics as sums over the pairs)`` of one batch on this rank.
 
-    ``response_logps`` is the prefix-shared forward with the LM head applied only where a response token
-    is predicted; ``prefixshare.split_logps(model(**batch).logits, batch)`` gives the same numbers.
+    ``response_logps`` is the prefix-shared forward through prefixshare's log-prob engine (the LM head runs
+    in chunks on the positions that predict response tokens, never building their ``[T, V]`` logits);
+    ``prefixshare.split_logps(model(**batch).logits, batch)`` gives the same numbers.
     """
     ref_chosen = ref_rejected = None
     if args.loss not in REFERENCE_FREE:  # the reference first: nothing of it is kept for the backward
