@@ -166,8 +166,9 @@ def _verify_processing(model, processing: LogitProcessing, raw: torch.Tensor, re
 
     ``raw``: the LM head's output for ``_PROBE_ROWS`` predictor rows inside the model's forward;
     ``returned``: the forward's ``logits`` for them. The same operations on the same tensor agree up to
-    a few ulps (vectorized and scalar tails of ``tanh``); a missing or extra step (a softcap, a scale, an
-    upcast before the softcap) is orders of magnitude larger.
+    a few ulps (vectorized and scalar tails of ``tanh``); a missing or extra step (a softcap, a scale) is
+    orders of magnitude larger, and a step done in another dtype (a softcap before or after an upcast)
+    differs by the coarser dtype's rounding, far above the finer one's ulps.
     """
     name = type(_unwrap(model)).__name__
     mine = processing.apply(raw.detach())
@@ -181,7 +182,9 @@ def _verify_processing(model, processing: LogitProcessing, raw: torch.Tensor, re
     returned = returned.detach()
     scale = returned.float().abs().max().clamp_min(1.0)
     error = float((mine.float() - returned.float()).abs().max() / scale)
-    tolerance = 4 * torch.finfo(returned.dtype).eps
+    # a few ulps of the finer of the two dtypes: a step done in another precision (a softcap after the
+    # model's upcast, computed in bfloat16 here) differs by the coarser one's rounding
+    tolerance = 4 * min(torch.finfo(returned.dtype).eps, torch.finfo(mine.dtype).eps)
     if not error <= tolerance:  # also catches NaN
         raise LogitProcessingMismatch(
             f"prefixshare.response_logps: {name}'s forward processes the LM head's output differently from "
