@@ -21,20 +21,24 @@ The LM head is called as a module, so peft adapters on it, FSDP/ZeRO-3 parameter
 hooks) and mixed-precision autocast keep working. Every model forward of the engine goes through
 :func:`_run_model`.
 
-FSDP2: with the usual recipe (``fully_shard`` per decoder layer, then the root) the LM head belongs to the
-root, whose parameters FSDP2 keeps gathered from the forward until its post-backward, so the chunks cost
-no communication at all. A root sharded with ``reshard_after_forward=True`` (a reference model, say) is
-gathered once for all chunks with ``FSDPModule.unshard()`` and resharded after (or, when the trainable head
-needs its weight again in backward, by FSDP2's post-backward). An LM head that is an FSDP unit of its own
-(``fully_shard(model.lm_head)``), or under DeepSpeed ZeRO-3, is gathered by its module hooks on every
-call: one all-gather of the ``[V, H]`` weight per chunk in forward (and per chunk again in backward
-when the head is trainable). Do not shard the LM head on its own, or raise ``chunk_size``.
+What a chunked call costs under FSDP2: with the usual recipe (``fully_shard`` per decoder layer, then the
+root) the LM head belongs to the root, whose parameters FSDP2 keeps gathered from the forward until its
+post-backward, so the chunks cost no communication at all (the engine calls the head after the forward,
+while they are still gathered). A root sharded with ``reshard_after_forward=True`` (a reference model, say)
+is gathered once for all chunks with ``FSDPModule.unshard()`` and resharded after them, or, when a
+trainable head needs its weight again in the backward's recompute, by FSDP2's post-backward: one all-gather
+per call, never one per chunk. An LM head gathered by its own wrapper on every call (an FSDP2 or FSDP1 unit
+of its own, DeepSpeed ZeRO-3) cannot be called per chunk: the number of chunks follows each rank's response
+tokens, so the ranks' collectives would no longer match. For such a head the model calls it once on all
+``T`` rows, as before (``[T, V]`` logits in the model's dtype), the fused log-softmax and statistics still
+run in chunks, and a warning says so: shard the LM head with its parent to get the chunked head.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from dataclasses import dataclass, fields
 from typing import Callable, NamedTuple
 
@@ -216,18 +220,23 @@ def _output_embeddings(model) -> torch.nn.Module:
 
 class _Captured(NamedTuple):
     rows: torch.Tensor  # [T, H] hidden states at the predictor positions, with their graph
+    logits: torch.Tensor | None  # [T, V] the LM head's output on all rows (only when it is gathered per call)
     link: torch.Tensor  # a 0-dim zero depending on the forward's returned logits (see _forward_to_head)
     probe_raw: torch.Tensor | None  # [1, P, V] the LM head's output for the probe rows inside the forward
     probe_returned: torch.Tensor | None  # [1, P, V] the forward's logits for them
     key: tuple | None  # the self-check key, when a probe ran
 
 
-def _forward_to_head(model, batch, head: torch.nn.Module, processing: LogitProcessing) -> _Captured:
+def _forward_to_head(model, batch, head: torch.nn.Module, processing: LogitProcessing, whole: bool) -> _Captured:
     """Run the forward with the LM head's input narrowed to the predictor rows; capture those rows.
 
     The model's own LM head call gets no row at all (or, once per model and dtype, the first
     ``_PROBE_ROWS`` rows for the self-check), so the forward builds no vocabulary logits. Everything before
     the LM head (decoder, final norm) and every wrapper (peft, DDP, FSDP) runs as usual.
+
+    ``whole``: the LM head's parameters are gathered by its wrapper on every call (see ``_gathered_per_call``),
+    so it is called once, on all ``T`` rows, and its ``[T, V]`` output is captured; the model's own final
+    processing then sees only the probe rows.
     """
     layout = _layout_of(batch)
     state: dict = {"calls": 0}
@@ -245,17 +254,21 @@ def _forward_to_head(model, batch, head: torch.nn.Module, processing: LogitProce
         rows = hidden.reshape(B * L, H).index_select(0, layout.to(hidden.device).predictor_index)
         state["rows"] = rows
         key = _verification_key(processing, hidden.dtype)
-        probe = 0 if _is_verified(model, key) else min(_PROBE_ROWS, rows.shape[0])
+        state["probe"] = probe = 0 if _is_verified(model, key) else min(_PROBE_ROWS, rows.shape[0])
         if probe:
             state["key"] = key
-        narrowed = rows[:probe].unsqueeze(0)  # [1, probe, H]: cheap, and still on the graph (see link)
+        narrowed = (rows if whole else rows[:probe]).unsqueeze(0)  # [1, rows, H], still on the graph (see link)
         if args:
             return (narrowed, *args[1:]), kwargs
         return args, {**kwargs, "input": narrowed}
 
     def record(module, args, kwargs, output):
+        probe = state.get("probe", 0)
+        if whole:
+            state["logits"] = output[0]
         if "key" in state:
-            state["probe_raw"] = output
+            state["probe_raw"] = output[:, :probe]
+        return output[:, :probe] if whole else None  # the model's own processing: the probe rows only
 
     handles = [
         head.register_forward_pre_hook(narrow, with_kwargs=True, prepend=True),
@@ -281,9 +294,29 @@ def _forward_to_head(model, batch, head: torch.nn.Module, processing: LogitProce
     link = logits[:, :0].sum() if isinstance(logits, torch.Tensor) and logits.dim() == 3 else None
     if link is None:
         link = state["rows"].new_zeros((), dtype=torch.float32)
-    if "key" in state:
-        return _Captured(state["rows"], link, state.get("probe_raw"), logits, state["key"])
-    return _Captured(state["rows"], link, None, None, None)
+    probe = (state.get("probe_raw"), logits, state["key"]) if "key" in state else (None, None, None)
+    return _Captured(state["rows"], state.get("logits"), link, *probe)
+
+
+def _gathered_per_call(head: torch.nn.Module) -> str | None:
+    """Why the LM head's parameters are gathered by a wrapper on every call of it, or None.
+
+    An FSDP2 unit of its own (``fully_shard(model.lm_head)``), an FSDP1 unit or DeepSpeed ZeRO-3 partitioned
+    parameters: each call of the head is a collective, and the number of chunks differs from rank to rank
+    (it follows the rank's response tokens), so calling it per chunk would mismatch the ranks' collectives.
+    """
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without FSDP2
+        FSDPModule = ()
+    for m in head.modules():
+        if isinstance(m, FSDPModule):
+            return "it is an FSDP2 unit of its own (fully_shard on the LM head)"
+        if type(m).__name__ == "FullyShardedDataParallel":
+            return "it is an FSDP1 unit of its own"
+    if any(hasattr(p, "ds_id") for p in head.parameters()):
+        return "DeepSpeed ZeRO-3 partitions its parameters"
+    return None
 
 
 # ================================================================================================ FSDP2
@@ -325,9 +358,6 @@ def _head_gathered(model, head: torch.nn.Module, keep_gathered: bool):
             "prefixshare.response_logps: the LM head's parameters are DTensors outside FSDP2 (tensor parallelism?); "
             "this is not supported"
         )
-    if owner is head:  # an FSDP2 unit of its own: its hooks gather it on every call
-        yield
-        return
     owner.unshard()
     try:
         yield
@@ -516,6 +546,16 @@ def _fused_token_logps(
     return torch.cat(parts), sink.values
 
 
+def _chunked_logits_logps(logits, targets, processing, chunk_size: int, stats=()):
+    """``[T, V]`` LM head output (already built) -> ``[T]`` log-probs and ``{stat: [T]}``, fused per chunk."""
+    sink = _StatSink(stats, logits.shape[0], logits.device)
+    parts = [
+        _LogSoftmaxGather.apply(z, t, processing, sink, at)
+        for z, t, at in zip(logits.split(chunk_size), targets.split(chunk_size), range(0, logits.shape[0], chunk_size))
+    ]
+    return torch.cat(parts), sink.values
+
+
 def default_chunk_size(vocab_size: int) -> int:
     """Rows per chunk: a ``[chunk, V]`` float32 block of :data:`DEFAULT_BLOCK_ELEMENTS`, 32 to 1024 rows."""
     return int(min(1024, max(32, DEFAULT_BLOCK_ELEMENTS // max(1, vocab_size))))
@@ -569,7 +609,16 @@ def response_logps(model, batch, *, per_token: bool = False, stats=(), chunk_siz
         raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
     head = _output_embeddings(model)
     processing = logit_processing(model)
-    captured = _forward_to_head(model, batch, head, processing)
+    per_call = _gathered_per_call(head)
+    if per_call and not head.__dict__.get("_prefixshare_warned_per_call"):
+        head.__dict__["_prefixshare_warned_per_call"] = True
+        warnings.warn(
+            f"prefixshare.response_logps: the LM head is gathered on every call ({per_call}), so it runs once on all "
+            "response tokens: their [T, V] logits exist in the model's dtype (the log-softmax is still chunked). "
+            "Shard the LM head with its parent module for the chunked LM head",
+            stacklevel=2,
+        )
+    captured = _forward_to_head(model, batch, head, processing, whole=per_call is not None)
     if captured.key is not None:
         _verify_processing(model, processing, captured.probe_raw, captured.probe_returned, captured.key)
 
@@ -577,9 +626,12 @@ def response_logps(model, batch, *, per_token: bool = False, stats=(), chunk_siz
     layout = _layout_of(batch).to(rows.device)
     targets = _input_ids_of(batch, None).to(rows.device).reshape(-1)[layout.target_index]
     chunk = chunk_size or default_chunk_size(_vocab_size(model, head))
-    head_trainable = any(p.requires_grad for p in head.parameters())
-    with _head_gathered(model, head, keep_gathered=torch.is_grad_enabled() and head_trainable):
-        token_logps, token_stats = _fused_token_logps(head, rows, targets, processing, chunk, stats)
+    if captured.logits is not None:
+        token_logps, token_stats = _chunked_logits_logps(captured.logits, targets, processing, chunk, stats)
+    else:
+        head_trainable = any(p.requires_grad for p in head.parameters())
+        with _head_gathered(model, head, keep_gathered=torch.is_grad_enabled() and head_trainable):
+            token_logps, token_stats = _fused_token_logps(head, rows, targets, processing, chunk, stats)
     token_logps = token_logps + captured.link
 
     sums = sum_per_response(token_logps, layout)

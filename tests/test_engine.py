@@ -453,3 +453,21 @@ def test_the_old_lm_head_module_is_a_deprecated_shim():
     assert torch.equal(old.logps, ps.response_logps(model, batch).logps)
     with pytest.raises(AttributeError, match="never builds"):
         lm_head.predictor_logits  # noqa: B018
+
+
+def test_a_head_gathered_per_call_runs_once_on_all_rows(monkeypatch):
+    """An LM head that a wrapper gathers on every call (its own FSDP unit, ZeRO-3) is called once, on all T rows."""
+    model = ps.patch(tiny_model("gemma2").train(), backend="eager")
+    monkeypatch.setattr(engine, "_gathered_per_call", lambda head: "a test says so")
+    shapes = []
+    handle = model.lm_head.register_forward_hook(lambda module, args, out: shapes.append(tuple(out.shape)))
+    with pytest.warns(UserWarning, match=r"gathered on every call \(a test says so\)"):
+        check_engine(model, random_examples(N, VOCAB, seed=21), COLLATORS["packed"](), chunk_size=4)
+    handle.remove()
+    T = len(COLLATORS["packed"]()(random_examples(N, VOCAB, seed=21)).layout.target_index)
+    assert (1, T, VOCAB) in shapes  # once on all rows, then only the full-logits and alone references
+    batch = COLLATORS["packed"]()(random_examples(N, VOCAB, seed=21))
+    result = ps.response_logps(model, batch, per_token=True, stats=STATS, chunk_size=4)
+    want = full_logit_stats(model, batch)
+    for name in STATS:
+        assert relative_error(result.stats[name], want[name]) < TOL, name
