@@ -6,7 +6,8 @@ the architecture is built from its config (prefixshare.tiny), wrapped in the ada
 COPY is patched with ``prefixshare.patch(copy, backend=...)``. Then
 :func:`prefixshare.testing.compare_with_alone` compares
 
-* the per-response log-probs of one prefix-shared forward of the patched copy, and
+* the per-response log-probs of one prefix-shared forward of the patched copy (through the log-prob
+  engine, ``prefixshare.response_logps``, as every training path computes them), and
 * the gradients of every trainable parameter of ``sum(w * logps)`` (fixed random ``w``)
 
 with the same quantities when every prompt+response is run ALONE (batch of one, no padding) through the
@@ -230,6 +231,13 @@ def load_4bit(architecture: str, kernel: str, dtype: torch.dtype, settings: Sett
         device_map={"": settings.device},
         **{DTYPE_KWARG: dtype},
     )
+    if dtype == torch.float32:
+        # bitsandbytes >= 0.49 on a CPU with AVX512-BF16 repacks 4-bit weights for a bfloat16 kernel on the
+        # first forward in eval mode without grad (FlexAttention's log-probs-only cells run so on CPU); whether
+        # it does depends on when its native library was loaded. A float32 cell compares float32 kernels.
+        for module in model.modules():
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
     return model.eval()
 
 
