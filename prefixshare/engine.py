@@ -65,8 +65,9 @@ DEFAULT_BLOCK_ELEMENTS = 2**25
 32 to 1024 rows: 1024 rows at a 32k vocabulary, 256 at 128k, 128 at 262k."""
 
 # Inside a chunk, the float32 temporaries of the log-softmax (and of the statistics) are made for
-# 1/_SUB_BLOCKS of its rows at a time, so they add at most a fraction of a block.
-_SUB_BLOCKS = 8
+# 1/_SUB_BLOCKS of its rows at a time, so they add at most a fraction of a block (smaller sub-blocks
+# make the softmax kernels measurably slower on CPU).
+_SUB_BLOCKS = 4
 
 # How many rows the self-check of the final logit processing feeds through the model's own forward.
 _PROBE_ROWS = 2
@@ -394,49 +395,44 @@ _OUTPUT_NOT_SAVED = {
 class _LogSoftmaxGather(torch.autograd.Function):
     """``[c, V]`` LM head output -> ``[c]`` float32 log p(target), with the final processing fused in.
 
-    Forward: ``z = processing(logits).float()`` and the log-softmax are formed for ``c / 8`` rows at a time,
+    Forward: ``z = processing(logits).float()`` and its log-softmax are formed for ``c / 4`` rows at a time,
     so only a fraction of a block is added to the LM head's output; the statistics come from the same ``z``.
     Backward: ``dz = g * (onehot - softmax(z))`` (through the processing by autograd on the same operations)
-    for ``c / 8`` rows at a time, written into the saved LM head output when nothing else holds it.
+    for ``c / 4`` rows at a time, written into the saved LM head output when nothing else holds it.
     """
 
     @staticmethod
     def forward(ctx, logits, targets, processing: LogitProcessing, sink: _StatSink | None, offset: int):
         rows = logits.shape[0]
         out = torch.empty(rows, dtype=torch.float32, device=logits.device)
-        lse = torch.empty_like(out)
         write_stats = sink is not None and sink.active
         step = _sub_blocks(rows)
         for start in range(0, rows, step):
             block = slice(start, start + step)
             z = processing.apply(logits[block]).float()
             t = targets[block].unsqueeze(-1)
-            m = z.amax(-1, keepdim=True)
-            shifted = z - m  # the one float32 temporary of this sub-block (plus exp below)
-            e = shifted.exp()
-            log_s = e.sum(-1, keepdim=True).log_()
-            out[block] = (shifted.gather(-1, t) - log_s).squeeze(-1)
-            lse[block] = (m + log_s).squeeze(-1)
+            log_p = torch.log_softmax(z, dim=-1)  # the one float32 temporary of this sub-block
+            out[block] = log_p.gather(-1, t).squeeze(-1)
             if write_stats:
                 at = offset + start
-                if "entropy" in sink.values:
-                    # softmax . log_softmax, without a third [rows, V] temporary
-                    p = e.div_(e.sum(-1, keepdim=True))
-                    log_p = shifted.sub_(log_s)
-                    sink.write("entropy", at, -torch.bmm(p.unsqueeze(1), log_p.unsqueeze(2)).view(-1))
-                sink.write("logsumexp", at, lse[block])
+                if "logsumexp" in sink.values:  # at the maximum, z - log_p is max + log(sum exp(z - max)) exactly
+                    sink.write("logsumexp", at, z.amax(-1) - log_p.amax(-1))
                 if "mean_logit" in sink.values:
                     sink.write("mean_logit", at, z.mean(-1))
                 if "argmax_match" in sink.values:  # argmax: the first maximum
                     sink.write("argmax_match", at, (z.argmax(-1) == targets[block]).float())
-            del z, shifted, e
+                if "entropy" in sink.values:  # -softmax . log_softmax, without a third [rows, V] temporary
+                    p = log_p.exp()
+                    sink.write("entropy", at, -torch.bmm(p.unsqueeze(1), log_p.unsqueeze(2)).view(-1))
+                    del p
+            del z, log_p
         ctx.processing = processing
-        ctx.save_for_backward(logits, targets, lse)
+        ctx.save_for_backward(logits, targets)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        logits, targets, lse = ctx.saved_tensors
+        logits, targets = ctx.saved_tensors
         processing = ctx.processing
         if grad is None or not ctx.needs_input_grad[0]:
             return None, None, None, None, None
@@ -446,17 +442,19 @@ class _LogSoftmaxGather(torch.autograd.Function):
         step = _sub_blocks(logits.shape[0])
         for start in range(0, logits.shape[0], step):
             block = slice(start, start + step)
-            g = grad[block].unsqueeze(-1)
-            if processing.is_identity:
-                dz = (logits[block].float() - lse[block].unsqueeze(-1)).exp_()  # softmax
-                dz.mul_(-g).scatter_add_(-1, targets[block].unsqueeze(-1), g)
-                result[block] = dz  # cast to the logits' dtype
+            g, t = grad[block].unsqueeze(-1), targets[block].unsqueeze(-1)
+            if processing.is_identity and logits.dtype == torch.float32:
+                dz = torch.softmax(logits[block], dim=-1)  # read before the block is overwritten below
+                torch.mul(dz, -g, out=result[block])
+                result[block].scatter_add_(-1, t, g)
+            elif processing.is_identity:
+                dz = torch.softmax(logits[block].float(), dim=-1)
+                result[block] = dz.mul_(-g).scatter_add_(-1, t, g)  # cast to the logits' dtype
             else:
                 with torch.enable_grad():
                     x = logits[block].detach().requires_grad_(True)
                     z = processing.apply(x).float()
-                    dz = (z.detach() - lse[block].unsqueeze(-1)).exp_()
-                    dz.mul_(-g).scatter_add_(-1, targets[block].unsqueeze(-1), g)
+                    dz = torch.softmax(z.detach(), dim=-1).mul_(-g).scatter_add_(-1, t, g)
                     (dx,) = torch.autograd.grad(z, x, dz)
                 result[block] = dx
             del dz

@@ -138,3 +138,34 @@ def test_bench_reports_a_format_that_runs_out_of_memory_and_goes_on(monkeypatch,
     assert max(ratios["paired-native"], ratios["paired-packed"]) == 1.0 and "paired" not in ratios
     bench.save(result, str(tmp_path / "r.json"))
     assert json.loads((tmp_path / "r.json").read_text())["out_of_memory"][0]["format"] == "paired"
+
+
+@pytest.mark.slow  # about 25 s: three fresh processes import torch and transformers
+def test_bench_memory_mode(tmp_path, capsys):
+    """The memory mode's plumbing at tiny sizes: every format in its own process, a table, JSON, a skipped cell.
+
+    Even at this size the formats separate: the fused engine holds one [64, V] block, the [T, V] path
+    all T rows, paired-native every position of both paired rows. Fails on main (no --memory).
+    """
+    from prefixshare import bench_memory
+
+    cli.main([
+        "bench", "--memory", "--vocabs", "8192", "--tokens", "1024", "--hidden-size", "32", "--chunk-size", "64",
+        "--repeats", "1", "--threads", "1", "--out-dir", str(tmp_path), "--name", "mem",
+    ])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "| 8192 | 1024 |" in out and "shared fused MB" in out
+    result = json.loads((tmp_path / "mem.json").read_text())
+    cells = {c["format"]: c for c in result["cells"]}
+    assert set(cells) == set(bench_memory.MEMORY_FORMATS)
+    native, tv, fused = (cells[f]["peak_mb"] for f in bench_memory.MEMORY_FORMATS)
+    assert fused < tv / 4 and tv < native, (native, tv, fused)
+    # [T, V] logits alone are 32 MiB here; the fused peak stays within 1.5x of one [64, V] block plus the hidden states
+    assert tv > 32 and fused < 1.5 * (64 * 8192 * 4 / 2**20 + cells["shared fused"]["hidden_mb"]) + 1, fused
+    assert (tmp_path / "mem.md").read_text().startswith("Produced by `prefixshare bench --memory")
+
+    cli.main(["bench", "--memory", "--vocabs", "8192", "--tokens", "1024", "--memory-limit-gb", "0.001"])
+    assert capsys.readouterr().out.count("skipped [s]") == 3
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--memory", "--vocabs", "32k"])
+    assert "--vocabs takes comma-separated positive integers" in capsys.readouterr().err
