@@ -218,6 +218,7 @@ class _PreferenceCollator:
             row_length=L,
             num_examples=len(checked),
             num_responses=len(checked[0].responses),
+            max_token_id=max([self.pad_token_id] + [max(ex.prompt + [max(r) for r in ex.responses]) for ex in checked]),
         )
         input_ids = torch.full((len(rows), L), self.pad_token_id, dtype=torch.long)
         for pl in placements:

@@ -12,7 +12,8 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from .logps import ResponseLogps, _input_ids_of, _layout_of, sum_per_response, token_logps
-from .patch import _unwrap
+from .patch import expect_layout_applied
+from .structure import unwrap_model as _unwrap
 
 
 def chunked_token_logps(logits: torch.Tensor, targets: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
@@ -21,6 +22,8 @@ def chunked_token_logps(logits: torch.Tensor, targets: torch.Tensor, chunk_size:
     Each chunk's float32 ``log_softmax`` is freed after use and recomputed in backward, so the extra memory
     is one ``[chunk_size, V]`` float32 block instead of ``[T, V]``.
     """
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer (rows of logits per chunk), got {chunk_size!r}")
     if logits.shape[0] <= chunk_size:
         return token_logps(logits, targets)
     if torch.is_grad_enabled() and logits.requires_grad:
@@ -57,7 +60,8 @@ def predictor_logits(model, batch) -> torch.Tensor:
 
     handle = lm_head.register_forward_pre_hook(keep_predictor_rows)
     try:
-        return model(**batch).logits[0]
+        with expect_layout_applied(model, layout):
+            return model(**batch).logits[0]
     finally:
         handle.remove()
 
@@ -77,6 +81,8 @@ def response_logps(model, batch, *, chunk_size: int = 1024) -> ResponseLogps:
     Returns:
         :class:`~prefixshare.logps.ResponseLogps`: ``logps`` ``[n, K]`` float32, ``num_tokens`` ``[n, K]``.
     """
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer (rows of logits per chunk), got {chunk_size!r}")
     logits = predictor_logits(model, batch)
     layout = _layout_of(batch).to(logits.device)
     per_token = chunked_token_logps(logits, response_targets(batch, logits.device), chunk_size)
