@@ -30,6 +30,10 @@ Extra keyword arguments:
 * ``prefixshare_max_tokens_per_row``: pack the pairs of a batch first-fit-decreasing into rows of at most this
   many tokens (fewer, fuller rows, less padding); ``None`` (default): one pair per row.
 
+Streaming (``IterableDataset``) training and evaluation sets work as map-style ones: the trainer sets
+``accelerator_config.dispatch_batches=False`` (each process collates its own batches; accelerate's dispatching
+cannot split a prefix-shared batch), and raises for an explicit ``dispatch_batches=True``.
+
 Options that prefix sharing does not cover raise ``ValueError`` in ``__init__`` rather than being ignored; see
 :data:`SUPPORTED_LOSS_TYPES` and the README's TRL section.
 """
@@ -63,8 +67,10 @@ SUPPORTED_LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "sft")
 ``loss_type=["sigmoid", "sft"], loss_weights=[1.0, alpha]``). The others raise."""
 
 PAIRED_TOKENS_KEY = "prefixshare_paired_tokens"
-"""Batch key: the number of tokens the same pairs take in TRL's paired format (prompt counted twice); TRL's
-``num_tokens`` metric counts these, so that the metric means the same thing with either trainer."""
+"""Batch key: ``[B]`` long, per row, the number of tokens its pairs take in TRL's paired format (prompt counted
+twice); TRL's ``num_tokens`` metric counts these, so that the metric means the same thing with either trainer.
+One entry per row, like ``input_ids``, so that it concatenates and slices along dim 0 with the rest of the batch
+(a 0-d total could not be concatenated by accelerate)."""
 
 _MODEL_KEYS = ("input_ids", "position_ids", LAYOUT_KEY)
 _LOGIT_CHUNK = 1024
@@ -88,6 +94,11 @@ class PrefixShareDPOCollator:
     ``ref_chosen_logps`` / ``ref_rejected_logps``. Returns the :class:`~prefixshare.PrefixShareCollator` batch
     (``input_ids``, ``position_ids``, ``prefixshare_layout``, ``use_cache=False``) plus the reference log-probs
     when given and :data:`PAIRED_TOKENS_KEY`.
+
+    The batch is built for one process's dataloader: rows hold whole pairs (several when packed), the layout
+    indexes tokens by row, and the reference log-probs have one entry per pair, not per row. Accelerate's
+    ``dispatch_batches`` (concatenating the batches of all processes, then slicing rows) cannot carry it; the
+    trainer turns dispatching off (see :class:`PrefixShareDPOTrainer`).
 
     Args:
         pad_token_id: written into padding positions (never attended to, never scored).
@@ -132,10 +143,10 @@ class PrefixShareDPOCollator:
     def __call__(self, examples: Sequence[Mapping]) -> dict[str, Any]:
         batch = dict(self.collator([self._ids(e) for e in examples]))
         layout = batch[LAYOUT_KEY]
-        paired = sum(
-            p.unit.prompt_length * len(p.unit.response_slots) + sum(p.unit.response_lengths) for p in layout.placements
-        )
-        batch[PAIRED_TOKENS_KEY] = torch.tensor(paired)
+        paired = torch.zeros(batch["input_ids"].shape[0], dtype=torch.long)
+        for p in layout.placements:
+            paired[p.row] += p.unit.prompt_length * len(p.unit.response_slots) + sum(p.unit.response_lengths)
+        batch[PAIRED_TOKENS_KEY] = paired
         for key in ("ref_chosen_logps", "ref_rejected_logps"):
             if key in examples[0]:
                 batch[key] = torch.tensor([float(e[key]) for e in examples], dtype=torch.float32)
@@ -219,6 +230,12 @@ def _check_config(args: DPOConfig) -> None:
             "keep_end cuts prompt+chosen and prompt+rejected at different prompt tokens, so they no longer share one "
             "prompt; use truncation_mode='keep_start' (TRL's default) or max_length=None",
         )
+    if getattr(getattr(args, "accelerator_config", None), "dispatch_batches", None) is True:
+        raise unsupported(
+            "accelerator_config.dispatch_batches=True",
+            "a prefix-shared batch cannot be concatenated across processes and re-split by rows (rows hold whole "
+            "pairs, packed rows several); leave dispatch_batches unset: each process then collates its own batches",
+        )
     if getattr(args, "torch_compile", False):
         raise unsupported("torch_compile=True", "not verified with prefix-shared attention")
     parallelism = getattr(args, "parallelism_config", None)
@@ -248,7 +265,7 @@ class PrefixShareDPOTrainer(DPOTrainer):
             ``f_divergence_type``, ``use_weighting``, ``ld_alpha``, ``padding_free``, ``use_liger_kernel``,
             ``truncation_mode='keep_end'``, ``torch_compile``, ``compute_metrics``, a data collator of another
             kind, vision-language models or data, prompt-learning PEFT, Mixture-of-Experts auxiliary losses,
-            tensor/context/sequence parallelism).
+            tensor/context/sequence parallelism, ``accelerator_config.dispatch_batches=True``).
         prefixshare.UnsupportedModelError: an architecture :func:`prefixshare.patch` does not support.
     """
 
@@ -271,6 +288,13 @@ class PrefixShareDPOTrainer(DPOTrainer):
             name = model if isinstance(model, str) else get_config_model_id(model.config)
             config = arguments["args"] = DPOConfig(f"{name.split('/')[-1]}-DPO")
         _check_config(config)
+        # Accelerate dispatches batches by default for iterable (streaming) datasets: the main process collates
+        # num_processes batches, concatenates them tensor by tensor, and hands each process a slice of rows. A
+        # prefix-shared batch does not survive that (its layout is no tensor and indexes tokens by row, reference
+        # log-probs are per pair and packed rows hold several pairs), so each process collates its own batches,
+        # exactly as with a map-style dataset. TRL does the same for streaming training sets (DPOTrainer.__init__
+        # sets dispatch_batches=False); here it covers evaluation sets too. An explicit True raised above.
+        config.accelerator_config.dispatch_batches = False
 
         if arguments.get("compute_metrics") is not None:
             raise ValueError(
@@ -437,7 +461,8 @@ class PrefixShareDPOTrainer(DPOTrainer):
         num_tokens = policy.num_tokens
         metrics["entropy"].append(ratio(policy.entropy.sum(), num_tokens.sum()))
         if mode == "train":
-            paired = gather_for_metrics(inputs[PAIRED_TOKENS_KEY].to(self.accelerator.device)).sum().item()
+            # summed per process first, as TRL sums its attention mask: one scalar per process to gather
+            paired = gather_for_metrics(inputs[PAIRED_TOKENS_KEY].sum().to(self.accelerator.device)).sum().item()
             self._total_train_tokens += paired // self._tp_size
         metrics["num_tokens"] = [self._total_train_tokens]
         metrics["logits/chosen"].append(ratio(policy.mean_logits[:, 0].sum(), num_tokens[:, 0].sum()))
