@@ -229,6 +229,83 @@ def test_streaming_eval_set_matches_trl_and_map_style(tokenizer, tmp_path):
     assert_same(without_loss(ours), without_loss(theirs), "streaming vs map-style")
 
 
+def poisoned_model(tokenizer):
+    """A policy whose logit of the EOS token (the last token of every completion, TRL appends it) is nan."""
+    m = model(tokenizer)
+    with torch.no_grad():
+        m.lm_head.weight[tokenizer.eos_token_id] = float("nan")
+    return m
+
+
+def assert_same_allowing_nan(ours: dict, theirs: dict, where: str):
+    """assert_same, except that a value may be nan provided it is nan in both."""
+    nan = {key for key, value in theirs.items() if isinstance(value, float) and math.isnan(value)}
+    ours_nan = {key for key, value in ours.items() if isinstance(value, float) and math.isnan(value)}
+    assert ours_nan == nan, f"{where}: nan in {sorted(ours_nan)}, TRL: nan in {sorted(nan)}"
+    finite_ours, finite_theirs = ({k: v for k, v in d.items() if k not in nan} for d in (ours, theirs))
+    assert_same(finite_ours, finite_theirs, where)
+    return nan
+
+
+def test_nonfinite_logps_log_nan_as_trl(tokenizer, tmp_path):
+    """nan log-probs: both trainers train on, and log nan for the same metrics and equal values for the others.
+
+    On main PrefixShareDPOTrainer raised "ValueError: dpo loss: policy_chosen_logps has 4 non-finite entries" from
+    its loss; and it counted a nan target logit as a top-1 hit (mean_token_accuracy 0.10 at step 1 here, TRL: 0.0).
+    """
+    logs, evals = {}, {}
+    for cls in (DPOTrainer, PrefixShareDPOTrainer):
+        trainer = cls(
+            model=poisoned_model(tokenizer),
+            ref_model=tiny_model("llama", vocab_size=len(tokenizer)),
+            args=config(tmp_path / cls.__name__, max_steps=2),
+            train_dataset=dataset(ROWS, cls.__name__),
+            processing_class=tokenizer,
+        )
+        trainer.train()
+        logs[cls] = [entry for entry in trainer.state.log_history if "loss" in entry and "train_runtime" not in entry]
+        evals[cls] = trainer.evaluate(dataset(EVAL_ROWS, cls.__name__))
+        for key in ("eval_runtime", "eval_samples_per_second", "eval_steps_per_second"):
+            evals[cls].pop(key)
+    assert len(logs[DPOTrainer]) == len(logs[PrefixShareDPOTrainer]) == 2
+    for step, (ours, theirs) in enumerate(zip(logs[PrefixShareDPOTrainer], logs[DPOTrainer]), 1):
+        nan = assert_same_allowing_nan(ours, theirs, f"step {step}")
+        assert {"logps/chosen", "logps/rejected", "rewards/margins", "grad_norm"} <= nan
+    nan = assert_same_allowing_nan(evals[PrefixShareDPOTrainer], evals[DPOTrainer], "evaluate()")
+    assert {"eval_loss", "eval_logps/chosen", "eval_rewards/margins"} <= nan
+
+
+def test_stop_on_nonfinite_raises(tokenizer, tmp_path):
+    """prefixshare_stop_on_nonfinite=True: a clear FloatingPointError at the first step, in train() and evaluate().
+
+    Fails on main: the keyword did not exist (TypeError from DPOTrainer.__init__).
+    """
+    def trainer(**overrides):
+        return PrefixShareDPOTrainer(
+            model=poisoned_model(tokenizer),
+            ref_model=tiny_model("llama", vocab_size=len(tokenizer)),
+            args=config(tmp_path, **overrides),
+            train_dataset=dataset(ROWS, "x"),
+            processing_class=tokenizer,
+            prefixshare_stop_on_nonfinite=True,
+        )
+
+    message = (
+        r"PrefixShareDPOTrainer: non-finite \(nan or inf\) log-probs in {mode} after 0 optimizer steps: "
+        r"policy chosen 4/4, "
+        r"policy rejected 4/4 pairs\. .*prefixshare_stop_on_nonfinite=True"
+    )
+    with pytest.raises(FloatingPointError, match=message.format(mode="train")):
+        trainer().train()
+    with pytest.raises(FloatingPointError, match=message.format(mode="eval")):
+        trainer().evaluate(dataset(EVAL_ROWS, "x"))
+    with pytest.raises(ValueError, match="prefixshare_stop_on_nonfinite must be True or False"):
+        PrefixShareDPOTrainer(
+            model=model(tokenizer), args=config(tmp_path), train_dataset=dataset(ROWS, "x"),
+            processing_class=tokenizer, prefixshare_stop_on_nonfinite="yes",
+        )
+
+
 # ---------------------------------------------------------------------------------------------- what raises
 UNSUPPORTED = [
     (dict(loss_type=["exo_pair"], label_smoothing=1e-3), "loss_type"),
