@@ -410,3 +410,12 @@ def test_collator_rejects_prompts_that_fill_max_length():
     collator = PrefixShareDPOCollator(pad_token_id=0, max_length=4)
     with pytest.raises(ValueError, match="no response token would remain"):
         collator([{"prompt_ids": [5, 6, 7, 8], "chosen_ids": [9], "rejected_ids": [10]}])
+
+
+@pytest.mark.parametrize("K", [1, 3])
+def test_collator_refuses_other_than_two_responses(K):
+    """Before: K=3 collated and the loss silently read only the first two responses (K=1: an IndexError)."""
+    collator = PrefixShareDPOCollator(pad_token_id=0)
+    example = {"prompt_input_ids": [5, 6], "responses_input_ids": [[7 + k] for k in range(K)]}
+    with pytest.raises(ValueError, match=f"pairs.*{K} responses"):
+        collator([example])

@@ -147,6 +147,11 @@ class PrefixShareDPOCollator:
     def __call__(self, examples: Sequence[Mapping]) -> dict[str, Any]:
         batch = dict(self.collator([self._ids(e) for e in examples]))
         layout = batch[LAYOUT_KEY]
+        if layout.num_responses != 2:
+            raise ValueError(
+                f"PrefixShareDPOCollator takes preference pairs (a chosen and a rejected response); these examples "
+                f"have {layout.num_responses} responses each (responses_input_ids): the DPO loss would read only two"
+            )
         paired = torch.zeros(batch["input_ids"].shape[0], dtype=torch.long)
         for p in layout.placements:
             paired[p.row] += p.unit.prompt_length * len(p.unit.response_slots) + sum(p.unit.response_lengths)
