@@ -275,12 +275,15 @@ def _enter_forward(module, args, kwargs):
     record = _ACTIVE.get()
     opened = token = None
     if layout is not None:
+        # check before any state is set: a refused call must leave no record behind (the exit hook of a
+        # forward whose pre-hook raised may not run, and a stale record would drop later forwards' masks)
         if record is None or record.layout.origin is not layout.origin:
-            record = opened = _ForwardRecord(layout)
-            token = _ACTIVE.set(record)
-        if not record.inputs_checked:
-            record.inputs_checked = True
             _check_forward_kwargs(module, kwargs, layout)
+            record = opened = _ForwardRecord(layout, inputs_checked=True)
+            token = _ACTIVE.set(record)
+        elif not record.inputs_checked:
+            _check_forward_kwargs(module, kwargs, layout)
+            record.inputs_checked = True
     _STACK.set(_STACK.get() + ((module, opened, token),))
 
 

@@ -11,13 +11,11 @@ on the model's own device and dtype and leaves parameters, gradients and modes a
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from .architectures import UnsupportedModelError
 from .collators import PrefixShareCollator
-from .structure import text_attention_modules, unwrap_model
+from .structure import eval_mode, text_attention_modules, unwrap_model
 
 # normwise relative error allowed between the prefix-shared and the alone run, by the model's dtype: the two
 # runs sum in different orders (different shapes), nothing more; a leak between responses is far larger
@@ -90,17 +88,6 @@ def _checked_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
     return [(names.get(k, "?"), p) for k, p in chosen.items()]
 
 
-@contextlib.contextmanager
-def _eval_mode(model):
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
-
-
 def self_check(model, *, seed: int = 0) -> dict[str, float]:
     """Compare a patched ``model`` with itself unpatched on random prompts; raise :class:`SelfCheckError` if
     they differ. Returns the errors measured (``logps``, ``gradients``) for the record.
@@ -117,7 +104,7 @@ def self_check(model, *, seed: int = 0) -> dict[str, float]:
     errors: dict[str, float] = {}
     parameters = _checked_parameters(inner)
     distributed = any(type(p).__name__ == "DTensor" for _, p in parameters)
-    with _eval_mode(inner):
+    with eval_mode(inner):
         with torch.no_grad():
             alone = _alone_logps(inner, examples, device)
         for rows in (None, longest * len(examples)):

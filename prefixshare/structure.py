@@ -9,6 +9,7 @@ response see the one before it, whatever the attention mask says.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 
@@ -36,6 +37,18 @@ def unwrap_model(model):
         ):
             model = model.module
     return model
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """Eval mode (no dropout) for the duration, then every module's own training flag back."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in flags:
+            m.training = training
 
 
 @functools.cache

@@ -315,3 +315,20 @@ def test_response_logps_rejects_a_bad_chunk_size(chunk_size):
     model = patch(tiny_model("llama"))
     with pytest.raises(ValueError, match="chunk_size must be a positive integer"):
         response_logps(model, batch_of(12), chunk_size=chunk_size)
+
+
+def test_a_refused_forward_leaves_later_forwards_unchanged():
+    """A forward refused by the checks must not leave its record active: later plain forwards would lose
+    their causal mask (seen under transformers 4.57 before the fix)."""
+    model = patch(tiny_model("llama"))
+    ids = torch.tensor([[3, 4, 5, 6, 7]])
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        bad = examples(13)
+        bad[0]["chosen_input_ids"] = [VOCAB + 1]
+        with pytest.raises(ValueError, match="embedding table"):
+            model(**PrefixShareCollator(PAD)(bad))
+        with pytest.raises(ValueError, match="labels"):
+            batch = batch_of(13)
+            model(**batch, labels=batch["input_ids"])
+        assert torch.equal(model(input_ids=ids).logits, before)
