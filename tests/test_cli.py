@@ -138,3 +138,12 @@ def test_bench_reports_a_format_that_runs_out_of_memory_and_goes_on(monkeypatch,
     assert max(ratios["paired-native"], ratios["paired-packed"]) == 1.0 and "paired" not in ratios
     bench.save(result, str(tmp_path / "r.json"))
     assert json.loads((tmp_path / "r.json").read_text())["out_of_memory"][0]["format"] == "paired"
+
+
+def test_python_dash_m_prefixshare_runs_the_cli():
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "prefixshare", "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "bench" in result.stdout and "stats" in result.stdout
