@@ -88,8 +88,8 @@ def preference_wins(model, collator, examples, batch_size):
     wins = []
     for start in range(0, len(examples), batch_size):
         batch = collator(examples[start : start + batch_size]).to(model.device)
-        chosen, rejected = prefixshare.split_logps(model(**batch).logits, batch)
-        wins.append((chosen > rejected).cpu())
+        logps = prefixshare.response_logps(model, batch).logps  # [n, 2]: chosen, rejected
+        wins.append((logps[:, 0] > logps[:, 1]).cpu())
     model.train()
     return torch.cat(wins).float()
 

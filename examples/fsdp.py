@@ -52,7 +52,7 @@ from torch.utils.data import DataLoader
 
 import prefixshare
 from prefixshare import PrefixShareCollator
-from prefixshare.lm_head import response_logps
+from prefixshare import response_logps
 from prefixshare.losses import REFERENCE_FREE, preference_loss
 from prefixshare.sampler import TokenBudgetBatchSampler
 
@@ -86,6 +86,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rows-per-batch", type=int, default=2, help="rows per batch, per rank")
     p.add_argument("--drop-last", action="store_true", help="drop an epoch's incomplete last round of batches")
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument(
+        "--logit-chunk-size",
+        type=int,
+        default=None,
+        help="rows of the LM head per chunk of prefixshare's log-prob engine (default: from the vocabulary size)",
+    )
+    p.add_argument(
+        "--shard-lm-head",
+        action="store_true",
+        help="FSDP2: make the LM head an FSDP unit of its own (gathered on every chunk: see prefixshare.engine)",
+    )
     p.add_argument("--patch-after-wrap", action="store_true", help="call prefixshare.patch after DDP/FSDP wrapping")
     p.add_argument(
         "--force-sum-reduction",
@@ -255,6 +266,8 @@ def parallelize(args, policy, reference, d: Dist):
             options["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         for layer in decoder_layers(policy):
             fully_shard(layer, **options)
+        if args.shard_lm_head:
+            fully_shard(_hf_model(policy).get_output_embeddings(), **options)
         fully_shard(policy, **options)  # the root: embeddings, final norm, LM head
         if reference is not None:  # sharded the same way; it only runs forward (no_grad, eval)
             for layer in decoder_layers(reference):
@@ -314,20 +327,21 @@ def make_sampler(args, examples, collator, num_replicas: int, rank: int) -> Toke
 def pair_loss_sum(args, policy, reference, batch):
     """``(sum of per-pair losses, metrics as sums over the pairs)`` of one batch on this rank.
 
-    ``response_logps`` is the prefix-shared forward with the LM head applied only where a response token
-    is predicted; ``prefixshare.split_logps(model(**batch).logits, batch)`` gives the same numbers.
+    ``response_logps`` is the prefix-shared forward through prefixshare's log-prob engine (the LM head runs
+    in chunks on the positions that predict response tokens, never building their ``[T, V]`` logits);
+    ``prefixshare.split_logps(model(**batch).logits, batch)`` gives the same numbers.
     """
     ref_chosen = ref_rejected = None
     if args.loss not in REFERENCE_FREE:  # the reference first: nothing of it is kept for the backward
         with torch.no_grad():
             if reference is not None:
-                ref_out = response_logps(reference, batch)
+                ref_out = response_logps(reference, batch, chunk_size=args.logit_chunk_size)
             else:  # LoRA: the reference is the base model, i.e. the policy with its adapters off
                 peft_model = _unwrap_ddp(policy)  # no DDP for a forward without backward
                 with peft_model.disable_adapter():
-                    ref_out = response_logps(peft_model, batch)
+                    ref_out = response_logps(peft_model, batch, chunk_size=args.logit_chunk_size)
         ref_chosen, ref_rejected = ref_out.logps[:, 0], ref_out.logps[:, 1]
-    policy_out = response_logps(policy, batch)
+    policy_out = response_logps(policy, batch, chunk_size=args.logit_chunk_size)
     loss_sum, metrics = preference_loss(
         args.loss,
         policy_chosen_logps=policy_out.logps[:, 0],

@@ -7,9 +7,9 @@ the prompt is computed once. See README.md.
 
 from .architectures import ARCHITECTURES, UnsupportedModelError
 from .collators import LAYOUT_KEY, PairedCollator, PrefixShareBatch, PrefixShareCollator
+from .engine import STATS, LogitProcessingMismatch, response_logps
 from .layout import PrefixShareLayout
-from .lm_head import response_logps
-from .logps import ResponseLogps, gather_response_logps, split_logps
+from .logps import ResponseLogps, TokenIndex, gather_response_logps, pad_per_token, split_logps
 from .losses import LOSSES, REFERENCE_FREE, preference_loss
 from .packing import first_fit_decreasing
 from .patch import LayoutNotAppliedError, is_patched, patch, patched_backend, unpatch
@@ -32,7 +32,9 @@ __all__ = [
     "unpatch",
     "LAYOUT_KEY",
     "LOSSES",
+    "LogitProcessingMismatch",
     "REFERENCE_FREE",
+    "STATS",
     "TokenBudgetBatchSampler",
     "WithReferenceLogps",
     "PairedCollator",
@@ -40,8 +42,10 @@ __all__ = [
     "PrefixShareCollator",
     "PrefixShareLayout",
     "ResponseLogps",
+    "TokenIndex",
     "first_fit_decreasing",
     "gather_response_logps",
+    "pad_per_token",
     "precompute_reference_logps",
     "preference_loss",
     "preference_step",

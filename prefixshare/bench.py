@@ -31,7 +31,7 @@ from ._machine import describe_machine
 from .backends.varlen import has_cuda_varlen_kernel
 from .collators import PairedCollator, PrefixShareCollator
 from .layout import PAD_SEGMENT
-from .lm_head import response_logps
+from .engine import response_logps
 from .logps import gather_response_logps
 from .patch import patch
 from .stats import dataset_stats

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from .collators import LAYOUT_KEY, PrefixShareBatch
-from .lm_head import response_logps
+from .engine import response_logps
 from .patch import is_patched
 from .structure import eval_mode
 

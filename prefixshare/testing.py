@@ -15,7 +15,8 @@ from typing import Sequence
 import torch
 
 from .collators import normalize_example
-from .logps import gather_response_logps, token_logps
+from .engine import response_logps
+from .logps import token_logps
 
 
 def random_examples(
@@ -100,6 +101,9 @@ def _trainable_grads(model) -> dict[str, torch.Tensor]:
 def compare_with_alone(reference_model, patched_model, examples, collator, *, gradients: bool = True) -> Comparison:
     """Compare log-probs (and parameter gradients) of a prefix-shared forward with runs alone.
 
+    The prefix-shared side runs through :func:`prefixshare.response_logps` (the log-prob engine every
+    training path uses); the runs alone through the model's plain forward and full logits.
+
     Args:
         reference_model: the UNPATCHED model, with the same weights as ``patched_model``.
         patched_model: the model after :func:`prefixshare.patch`.
@@ -114,7 +118,7 @@ def compare_with_alone(reference_model, patched_model, examples, collator, *, gr
         model.zero_grad(set_to_none=True)
     with torch.set_grad_enabled(gradients):
         want = logps_alone(reference_model, examples)
-        got = gather_response_logps(patched_model(**batch).logits, batch).logps
+        got = response_logps(patched_model, batch).logps
     grad_error, worst = None, None
     num_parameters = 0
     if gradients:

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from .collators import LAYOUT_KEY
-from .lm_head import response_logps
+from .engine import response_logps
 from .losses import LOSSES, REFERENCE_FREE, preference_loss
 from .reference import (
     DISABLE_ADAPTERS,

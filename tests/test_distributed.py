@@ -64,7 +64,16 @@ CONFIGS = {
     "fsdp2_force_sum": ["--strategy", "fsdp2", "--force-sum-reduction"],
     "fsdp2_lora": ["--strategy", "fsdp2", "--lora"],
     "ddp_lora_patch_after_wrap": ["--strategy", "ddp", "--lora", "--patch-after-wrap"],
+    # the log-prob engine in several chunks: trainable head (recompute in backward; the reference's root
+    # reshards after forward, so the engine gathers its LM head once), frozen head (LoRA), and an LM head
+    # sharded as an FSDP unit of its own (gathered by its hooks on every chunk)
+    "fsdp2_chunked": ["--strategy", "fsdp2", "--logit-chunk-size", "16"],
+    "fsdp2_lora_chunked": ["--strategy", "fsdp2", "--lora", "--logit-chunk-size", "16"],
+    "fsdp2_lm_head_unit": ["--strategy", "fsdp2", "--shard-lm-head", "--logit-chunk-size", "16"],
+    "ddp_chunked": ["--strategy", "ddp", "--logit-chunk-size", "16"],
 }
+# arguments that change how the ranks shard or wrap, not the numbers: the single process ignores them
+LAYOUT_ONLY = ("--patch-after-wrap", "--force-sum-reduction", "--shard-lm-head")
 # runs that cannot equal the float32 reference exactly: bfloat16 compute
 APPROXIMATE = {"fsdp2_mixed_precision": ["--strategy", "fsdp2", "--mixed-precision"]}
 
@@ -201,7 +210,7 @@ def single_process(extra: list[str], weighting: str = "global"):
     from torch.utils.data import DataLoader
 
     example = load_example()
-    args = example.parse_args(COMMON + [e for e in extra if e != "--patch-after-wrap"])
+    args = example.parse_args(COMMON + [e for e in extra if e not in LAYOUT_ONLY])
     torch.manual_seed(args.seed)
     tokenizer = example.load_tokenizer(args)
     examples = example.load_examples(args, tokenizer)
@@ -235,7 +244,7 @@ def references():
     cache = {}
 
     def get(extra, weighting="global"):
-        key = (tuple(e for e in extra if e not in ("--patch-after-wrap", "--force-sum-reduction")), weighting)
+        key = (tuple(e for e in extra if e not in LAYOUT_ONLY), weighting)
         if key not in cache:
             threads = torch.get_num_threads()
             torch.set_num_threads(1)  # tiny matrices: threads only contend for the CI's few cores
@@ -313,7 +322,7 @@ def single_initial_state(extra):
     key = "--lora" in extra
     if key not in _INITIAL:
         example = load_example()
-        args = example.parse_args(COMMON + [e for e in extra if e != "--patch-after-wrap"])
+        args = example.parse_args(COMMON + [e for e in extra if e not in LAYOUT_ONLY])
         policy, _ = example.build_models(args, example.load_tokenizer(args))
         _INITIAL[key] = {k: v.detach().clone() for k, v in policy.state_dict().items()}
     return _INITIAL[key]

@@ -47,7 +47,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 
@@ -59,8 +59,8 @@ except ImportError as error:  # pragma: no cover - depends on the environment
 from accelerate.utils import is_peft_model
 
 from ..collators import LAYOUT_KEY, PrefixShareCollator
-from ..lm_head import chunked_token_logps, predictor_logits, response_targets
-from ..logps import sum_per_response
+from ..engine import response_logps
+from ..logps import ResponseLogps
 from ..losses import nll_loss, preference_loss
 from ..patch import _unwrap, patch
 
@@ -77,7 +77,9 @@ One entry per row, like ``input_ids``, so that it concatenates and slices along 
 (a 0-d total could not be concatenated by accelerate)."""
 
 _MODEL_KEYS = ("input_ids", "position_ids", LAYOUT_KEY)
-_LOGIT_CHUNK = 1024
+
+# the per-token statistics behind TRL's metrics: entropy, logits/chosen and logits/rejected, mean_token_accuracy
+_METRIC_STATS = ("entropy", "mean_logit", "argmax_match")
 
 # The DPOTrainer internals this module overrides or relies on; checked at import so that a TRL that has
 # moved them fails here rather than training wrongly.
@@ -160,51 +162,6 @@ class PrefixShareDPOCollator:
             if key in examples[0]:
                 batch[key] = torch.tensor([float(e[key]) for e in examples], dtype=torch.float32)
         return batch
-
-
-# ---------------------------------------------------------------------------------------------- forward
-class _Responses(NamedTuple):
-    logps: torch.Tensor  # [n, 2] float32 summed log-probs (chosen, rejected)
-    num_tokens: torch.Tensor  # [n, 2] long
-    entropy: torch.Tensor | None  # [n, 2] sums over each response's tokens (no grad)
-    mean_logits: torch.Tensor | None  # [n, 2] sums of the per-token mean logit (no grad)
-    top1: torch.Tensor | None  # [n, 2] number of tokens predicted as the argmax (no grad)
-
-
-def _response_forward(model, batch: Mapping, *, stats: bool) -> _Responses:
-    """One forward of a prefix-shared batch; the LM head sees only the rows that predict response tokens.
-
-    Log-probs keep their graph; the metric statistics (TRL's entropy, mean logit and top-1 accuracy) do not.
-    """
-    inputs = {key: batch[key] for key in _MODEL_KEYS}
-    logits = predictor_logits(model, {**inputs, "use_cache": False})  # [T, V]
-    on_device = batch[LAYOUT_KEY].to(logits.device)
-    targets = response_targets(inputs, logits.device)
-    logps = sum_per_response(chunked_token_logps(logits, targets, _LOGIT_CHUNK), on_device)
-    if not stats:
-        return _Responses(logps, on_device.response_lengths, None, None, None)
-    T = logits.shape[0]
-    entropy = torch.empty(T, dtype=torch.float32, device=logits.device)
-    mean_logits = torch.empty_like(entropy)
-    top1 = torch.empty_like(entropy)
-    with torch.no_grad():
-        for start in range(0, T, _LOGIT_CHUNK):
-            rows = slice(start, start + _LOGIT_CHUNK)
-            z = logits[rows].detach().float()
-            log_p = torch.log_softmax(z, dim=-1)
-            entropy[rows] = -(log_p.exp() * log_p).sum(-1)
-            mean_logits[rows] = z.mean(-1)
-            # argmax: the first maximum, as TRL counts. argmax takes a nan for the maximum; TRL's comparisons
-            # with a nan are false, so a row with a nan is a miss there: a nan target logit is a miss here too.
-            hit = (z.argmax(-1) == targets[rows]) & ~z.gather(-1, targets[rows, None]).squeeze(-1).isnan()
-            top1[rows] = hit.float()
-    return _Responses(
-        logps,
-        on_device.response_lengths,
-        sum_per_response(entropy, on_device),
-        sum_per_response(mean_logits, on_device),
-        sum_per_response(top1, on_device),
-    )
 
 
 # ---------------------------------------------------------------------------------------------- checks
@@ -396,9 +353,12 @@ class PrefixShareDPOTrainer(DPOTrainer):
             self._prefixshare_patched.add(id(inner))
         return _unwrap(inner)
 
-    def _prefixshare_forward(self, model, batch: Mapping, *, stats: bool) -> _Responses:
+    def _prefixshare_forward(self, model, batch: Mapping, *, stats: bool) -> ResponseLogps:
+        """One prefix-shared forward through the log-prob engine: ``[n, 2]`` log-probs with their graph and,
+        with ``stats``, the per-response sums of TRL's metric statistics (no graph)."""
         self._prefixshare_ensure_patched(model)
-        return _response_forward(model, batch, stats=stats)
+        inputs = {key: batch[key] for key in _MODEL_KEYS}
+        return response_logps(model, inputs, stats=_METRIC_STATS if stats else ())
 
     def _prefixshare_adapter_context(self):
         """DPOTrainer's reference for PEFT without a ref model: the "ref" adapter if any, else no adapter."""
@@ -409,7 +369,7 @@ class PrefixShareDPOTrainer(DPOTrainer):
             return use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
         return contextlib.nullcontext()
 
-    def _prefixshare_reference(self, model, batch: Mapping) -> _Responses:
+    def _prefixshare_reference(self, model, batch: Mapping) -> ResponseLogps:
         from trl.models.utils import disable_gradient_checkpointing
 
         with (
@@ -501,7 +461,7 @@ class PrefixShareDPOTrainer(DPOTrainer):
                 "the trainer logs NaN metrics and goes on, as trl.DPOTrainer does."
             )
 
-    def _prefixshare_log_metrics(self, mode, inputs, policy: _Responses, ref_chosen_logps, ref_rejected_logps):
+    def _prefixshare_log_metrics(self, mode, inputs, policy: ResponseLogps, ref_chosen_logps, ref_rejected_logps):
         """DPOTrainer's metrics, the same names and definitions, from the prefix-shared statistics."""
         gather, gather_for_metrics = self.accelerator.gather, self.accelerator.gather_for_metrics
         metrics = self._metrics[mode]
@@ -510,16 +470,16 @@ class PrefixShareDPOTrainer(DPOTrainer):
             total = gather_for_metrics(denominator).sum()
             return (gather_for_metrics(numerator).sum() / total).item() if total > 0 else 0.0
 
-        num_tokens = policy.num_tokens
-        metrics["entropy"].append(ratio(policy.entropy.sum(), num_tokens.sum()))
+        num_tokens, sums = policy.num_tokens, policy.stat_sums
+        metrics["entropy"].append(ratio(sums["entropy"].sum(), num_tokens.sum()))
         if mode == "train":
             # summed per process first, as TRL sums its attention mask: one scalar per process to gather
             paired = gather_for_metrics(inputs[PAIRED_TOKENS_KEY].sum().to(self.accelerator.device)).sum().item()
             self._total_train_tokens += paired // self._tp_size
         metrics["num_tokens"] = [self._total_train_tokens]
-        metrics["logits/chosen"].append(ratio(policy.mean_logits[:, 0].sum(), num_tokens[:, 0].sum()))
-        metrics["logits/rejected"].append(ratio(policy.mean_logits[:, 1].sum(), num_tokens[:, 1].sum()))
-        metrics["mean_token_accuracy"].append(ratio(policy.top1[:, 0].sum(), num_tokens[:, 0].sum()))
+        metrics["logits/chosen"].append(ratio(sums["mean_logit"][:, 0].sum(), num_tokens[:, 0].sum()))
+        metrics["logits/rejected"].append(ratio(sums["mean_logit"][:, 1].sum(), num_tokens[:, 1].sum()))
+        metrics["mean_token_accuracy"].append(ratio(sums["argmax_match"][:, 0].sum(), num_tokens[:, 0].sum()))
 
         chosen_logps, rejected_logps = policy.logps[:, 0].detach(), policy.logps[:, 1].detach()
         chosen_rewards = self.beta * (chosen_logps - ref_chosen_logps.detach())
