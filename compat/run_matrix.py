@@ -6,8 +6,7 @@ the architecture is built from its config (prefixshare.tiny), wrapped in the ada
 COPY is patched with ``prefixshare.patch(copy, backend=...)``. Then
 :func:`prefixshare.testing.compare_with_alone` compares
 
-* the per-response log-probs of one prefix-shared forward of the patched copy (through the log-prob
-  engine, ``prefixshare.response_logps``, as every training path computes them), and
+* the per-response log-probs of one prefix-shared forward of the patched copy, and
 * the gradients of every trainable parameter of ``sum(w * logps)`` (fixed random ``w``)
 
 with the same quantities when every prompt+response is run ALONE (batch of one, no padding) through the
@@ -217,8 +216,43 @@ def tiny_checkpoint(architecture: str, settings: Settings) -> str:
     return path
 
 
+# bitsandbytes (read in 0.50.2) has a second CPU path for 4-bit layers, on CPUs with AVX512-BF16: the first
+# forward of a Linear4bit in eval mode whose input does not require grad repacks its weight for good
+# (quant_state.packing_format_for_cpu) and every later forward, with or without grad, runs a fused kernel
+# that rounds the input, the block scales and the output to bfloat16, whatever bnb_4bit_compute_dtype says,
+# and that has no backward (the input's gradient is silently None). Measured on the tiny gemma2 (AMD EPYC,
+# torch 2.13 CPU): one such layer is 3.6e-3 off the float32 matmul of its dequantized weight, against
+# 4e-7 for bitsandbytes' default path. Which path a layer takes depended on the cell: the FlexAttention
+# cells run forward-only (no_grad) on CPU, so every layer of both models went bfloat16, and the float32
+# rounding differences between one packed row and the runs alone (~1e-7) crossed bfloat16 rounding steps
+# in the next layer: 1.4e-5 on log-probs in gemma2 x flex_attention x qlora x float32, the same in every
+# packing (no leak: 2.5e-8 with the path off); the eager cells only had layer 0's q/k/v repacked (grad
+# enabled, the embedding output needs none). The matrix checks the float32 numbers of the path QLoRA trains
+# through, so that path is switched off on every 4-bit layer it loads, and a cell fails if a layer was
+# repacked anyway (a bitsandbytes that changes how the path is chosen).
+BNB_CPU_BF16_SWITCH = "support_avx512bf16_for_cpu"
+
+
+def keep_bnb_default_path(model):
+    """Keep every bitsandbytes 4-bit layer of ``model`` off the bfloat16 CPU inference path (see above)."""
+    for module in model.modules():
+        if hasattr(module, BNB_CPU_BF16_SWITCH):
+            setattr(module, BNB_CPU_BF16_SWITCH, False)
+    return model
+
+
+def repacked_4bit_layers(model) -> list[str]:
+    """Names of the 4-bit layers whose weight bitsandbytes repacked for its bfloat16 CPU kernel."""
+    return [
+        name
+        for name, module in model.named_modules()
+        if getattr(getattr(getattr(module, "weight", None), "quant_state", None), "packing_format_for_cpu", False)
+    ]
+
+
 def load_4bit(architecture: str, kernel: str, dtype: torch.dtype, settings: Settings):
-    """The user's QLoRA path: from_pretrained(checkpoint, quantization_config=4-bit NF4)."""
+    """The user's QLoRA path: from_pretrained(checkpoint, quantization_config=4-bit NF4), bitsandbytes' default
+    kernels (:func:`keep_bnb_default_path`)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     quantization = BitsAndBytesConfig(
@@ -231,14 +265,7 @@ def load_4bit(architecture: str, kernel: str, dtype: torch.dtype, settings: Sett
         device_map={"": settings.device},
         **{DTYPE_KWARG: dtype},
     )
-    if dtype == torch.float32:
-        # bitsandbytes >= 0.49 on a CPU with AVX512-BF16 repacks 4-bit weights for a bfloat16 kernel on the
-        # first forward in eval mode without grad (FlexAttention's log-probs-only cells run so on CPU); whether
-        # it does depends on when its native library was loaded. A float32 cell compares float32 kernels.
-        for module in model.modules():
-            if hasattr(module, "support_avx512bf16_for_cpu"):
-                module.support_avx512bf16_for_cpu = False
-    return model.eval()
+    return keep_bnb_default_path(model).eval()
 
 
 def build_reference(architecture: str, backend: str, adapter: str, dtype: torch.dtype, settings: Settings):
@@ -349,6 +376,12 @@ def _run_group(architecture, backend, adapter, dtype_name, packings, examples, s
             cell.logps_error, cell.grad_error = result.logps_error, result.grad_error
             cell.worst_parameter, cell.num_parameters = result.worst_parameter, result.num_parameters
             reason = _failure_reason(result, logps_tolerance, grad_tolerance)
+            repacked = repacked_4bit_layers(reference) + repacked_4bit_layers(patched)
+            if repacked:
+                reason = " and ".join(filter(None, [reason, (
+                    f"bitsandbytes switched {len(repacked)} 4-bit layers (first: {repacked[0]}) to its bfloat16 "
+                    "CPU kernel, so this cell did not compute in its dtype; see keep_bnb_default_path"
+                )]))
             if reason:
                 cell.state, cell.reason = FAIL, reason
             elif backend == "varlen" and not (on_cuda and dtype in (torch.float16, torch.bfloat16)):
@@ -548,7 +581,8 @@ def render_markdown(cells: list[Cell], command: str, device: str, seconds: float
         "matrices; `qlora` = the tiny checkpoint saved with `save_pretrained` and loaded back with "
         "`from_pretrained(..., quantization_config=BitsAndBytesConfig(load_in_4bit=True, "
         "bnb_4bit_quant_type='nf4', bnb_4bit_compute_dtype=<dtype>))`, then the same LoRA (both models hold "
-        "the same 4-bit weights, so float32 compute is held to the same 1e-5).",
+        "the same 4-bit weights, so float32 compute is held to the same 1e-5; bitsandbytes' bfloat16 CPU "
+        "inference kernel, which ignores the compute dtype and has no backward, is switched off).",
         "",
         "**Packings**:",
         "",

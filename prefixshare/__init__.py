@@ -12,7 +12,8 @@ from .layout import PrefixShareLayout
 from .logps import ResponseLogps, TokenIndex, gather_response_logps, pad_per_token, split_logps
 from .losses import LOSSES, REFERENCE_FREE, preference_loss
 from .packing import first_fit_decreasing
-from .patch import is_patched, patch, patched_backend, unpatch
+from .patch import LayoutNotAppliedError, is_patched, patch, patched_backend, unpatch
+from .selfcheck import SelfCheckError
 from .reference import WithReferenceLogps, precompute_reference_logps, reference_logps, with_reference_logps
 from .sampler import TokenBudgetBatchSampler
 from .tokenization import tokenize_preference
@@ -23,6 +24,8 @@ __version__ = "0.1.0"
 __all__ = [
     "ARCHITECTURES",
     "UnsupportedModelError",
+    "LayoutNotAppliedError",
+    "SelfCheckError",
     "is_patched",
     "patch",
     "patched_backend",

@@ -1,8 +1,9 @@
 """Collators: preference examples -> prefix-shared batches, or the classic paired batches (the baseline).
 
 Both take a list of examples, each a mapping with ``prompt_input_ids`` and either ``chosen_input_ids`` and
-``rejected_input_ids`` (K = 2) or ``responses_input_ids`` (a list of K responses); ids are lists of ints or
-1-D integer tensors. Both return a :class:`PrefixShareBatch` that goes straight into a model patched by
+``rejected_input_ids`` (K = 2) or ``responses_input_ids`` (a list of K responses), not both; ids are unpadded
+lists of ints or 1-D integer tensors or numpy arrays (an optional ``<field>_attention_mask`` must be all ones).
+Both return a :class:`PrefixShareBatch` that goes straight into a model patched by
 :func:`prefixshare.patch`::
 
     batch = PrefixShareCollator(pad_token_id=0)(examples)
@@ -53,9 +54,24 @@ class PreferenceExample:
 
 
 # ---------------------------------------------------------------------------------------------- input checks
+INT64_MAX = 2**63 - 1  # input_ids are int64: a larger id cannot be stored (and no vocabulary is that large)
+
+RESPONSES_KEY = "responses_input_ids"
+PAIR_KEYS = ("chosen_input_ids", "rejected_input_ids")
+
+
+def _is_numpy_array(value: Any) -> bool:
+    return type(value).__module__ == "numpy" and hasattr(value, "ndim") and hasattr(value, "dtype")
+
+
 def _token_ids(value: Any, index: int, name: str) -> list[int]:
-    if not isinstance(value, torch.Tensor) and type(value).__module__ == "numpy" and hasattr(value, "ndim"):
-        value = torch.as_tensor(value)  # numpy arrays (datasets' numpy format) get the tensor checks below
+    if _is_numpy_array(value):  # datasets' numpy format; numpy scalars (ndim 0) fail the 1-D check
+        if value.ndim != 1:
+            raise ValueError(f"example {index}: {name} must be a 1-D array, got shape {tuple(value.shape)}")
+        if value.dtype.kind not in "iuO":  # signed, unsigned, or Python objects (checked one by one below)
+            raise ValueError(f"example {index}: {name} must hold integer token ids, got dtype {value.dtype}")
+        # tolist() gives exact Python ints, uint64 included, where a cast to int64 would wrap 2**63 to -2**63
+        value = value.tolist()
     if isinstance(value, torch.Tensor):
         if value.dim() != 1:
             raise ValueError(f"example {index}: {name} must be a 1-D tensor, got shape {tuple(value.shape)}")
@@ -79,7 +95,32 @@ def _token_ids(value: Any, index: int, name: str) -> list[int]:
     for j, t in enumerate(ids):
         if t < 0:
             raise ValueError(f"example {index}: {name}[{j}] is {t}; token ids must be >= 0")
+        if t > INT64_MAX:
+            raise ValueError(f"example {index}: {name}[{j}] is {t}; token ids must fit in int64 (< 2**63)")
     return ids
+
+
+def _check_attention_mask(example: Mapping, index: int, name: str, length: int) -> None:
+    """Refuse padded ids: zeros in ``<field>_attention_mask`` mean ``<field>_input_ids`` holds padding.
+
+    The collators take unpadded ids and score every response token, so padding inside the ids would be scored
+    as tokens. A mask of all ones is fine.
+    """
+    mask_name = name.replace("_input_ids", "_attention_mask")
+    mask = example.get(mask_name)
+    if mask is None:
+        return
+    values = mask.tolist() if hasattr(mask, "tolist") else mask
+    if not isinstance(values, (list, tuple)):
+        raise ValueError(f"example {index}: {mask_name} must be a list of 0/1, got {type(mask).__name__}")
+    if len(values) != length:
+        raise ValueError(f"example {index}: {mask_name} has {len(values)} entries but {name} has {length} tokens")
+    padded = [j for j, m in enumerate(values) if not m]
+    if padded:
+        raise ValueError(
+            f"example {index}: {mask_name} is 0 at positions {padded[:8]}{' ...' if len(padded) > 8 else ''}: "
+            f"{name} holds padding, which would be scored as tokens; give unpadded ids (the collator pads)"
+        )
 
 
 def normalize_example(example: Any, index: int) -> PreferenceExample:
@@ -89,22 +130,34 @@ def normalize_example(example: Any, index: int) -> PreferenceExample:
     if "prompt_input_ids" not in example:
         raise ValueError(f"example {index}: missing 'prompt_input_ids'")
     prompt = _token_ids(example["prompt_input_ids"], index, "prompt_input_ids")
-    if "responses_input_ids" in example:
-        raw = example["responses_input_ids"]
-        if isinstance(raw, torch.Tensor) or not isinstance(raw, (list, tuple)) or not raw:
-            raise ValueError(f"example {index}: responses_input_ids must be a non-empty list of responses")
-        responses = [_token_ids(r, index, f"responses_input_ids[{k}]") for k, r in enumerate(raw)]
+    _check_attention_mask(example, index, "prompt_input_ids", len(prompt))
+    # A field set to None counts as absent: datasets writes None where a row lacks a column of the dataset.
+    pair = [k for k in PAIR_KEYS if example.get(k) is not None]
+    if RESPONSES_KEY in example and (example[RESPONSES_KEY] is not None or not pair):
+        if pair:  # which one was meant is unknowable; using either would drop the other silently
+            raise ValueError(
+                f"example {index}: has both {RESPONSES_KEY} and {', '.join(pair)}; give either "
+                f"{RESPONSES_KEY} (K responses) or chosen_input_ids and rejected_input_ids, not both"
+            )
+        raw = example[RESPONSES_KEY]
+        # A [K, T] tensor or array is refused: its rows would carry padding that would be scored as tokens.
+        if not isinstance(raw, (list, tuple)) or not raw:
+            got = f"an empty {type(raw).__name__}" if isinstance(raw, (list, tuple)) else type(raw).__name__
+            raise ValueError(
+                f"example {index}: {RESPONSES_KEY} must be a non-empty list of responses (one list of ids, 1-D "
+                f"tensor or array each), got {got}"
+            )
+        responses = [_token_ids(r, index, f"{RESPONSES_KEY}[{k}]") for k, r in enumerate(raw)]
     else:
-        missing = [k for k in ("chosen_input_ids", "rejected_input_ids") if k not in example]
+        missing = [k for k in PAIR_KEYS if k not in example]
         if missing:
             raise ValueError(
                 f"example {index}: missing {', '.join(repr(m) for m in missing)} "
                 "(give chosen_input_ids and rejected_input_ids, or responses_input_ids)"
             )
-        responses = [
-            _token_ids(example["chosen_input_ids"], index, "chosen_input_ids"),
-            _token_ids(example["rejected_input_ids"], index, "rejected_input_ids"),
-        ]
+        responses = [_token_ids(example[k], index, k) for k in PAIR_KEYS]
+        for k, r in zip(PAIR_KEYS, responses):
+            _check_attention_mask(example, index, k, len(r))
     if not prompt:
         raise ValueError(
             f"example {index}: the prompt is empty; the first token of each response needs a prompt token to predict it"
@@ -156,8 +209,8 @@ class _PreferenceCollator:
                 f"pad_token_id must be an integer token id, got {pad_token_id!r} "
                 "(a tokenizer without a pad token can use its eos_token_id)"
             )
-        if pad_token_id < 0:
-            raise ValueError(f"pad_token_id must be >= 0, got {pad_token_id}")
+        if not 0 <= pad_token_id <= INT64_MAX:
+            raise ValueError(f"pad_token_id must be >= 0 and fit in int64 (< 2**63), got {pad_token_id}")
         for name, value in (
             ("max_tokens_per_row", max_tokens_per_row),
             ("pad_to_multiple_of", pad_to_multiple_of),
@@ -218,6 +271,7 @@ class _PreferenceCollator:
             row_length=L,
             num_examples=len(checked),
             num_responses=len(checked[0].responses),
+            max_token_id=max([self.pad_token_id] + [max(ex.prompt + [max(r) for r in ex.responses]) for ex in checked]),
         )
         input_ids = torch.full((len(rows), L), self.pad_token_id, dtype=torch.long)
         for pl in placements:

@@ -47,7 +47,8 @@ from torch.utils.checkpoint import checkpoint
 
 from ._compat import text_config
 from .logps import ResponseLogps, _input_ids_of, _layout_of, sum_per_response, token_index_of
-from .patch import _unwrap
+from .patch import expect_layout_applied
+from .structure import unwrap_model as _unwrap
 
 __all__ = ["STATS", "LogitProcessing", "ResponseLogps", "logit_processing", "response_logps"]
 
@@ -184,12 +185,18 @@ def _verify_processing(model, processing: LogitProcessing, raw: torch.Tensor, re
             f"of shape {tuple(raw.shape)}; it changes the logits in a way prefixshare does not reproduce. "
             "Use prefixshare.gather_response_logps(model(**batch).logits, batch) for this model"
         )
-    returned = returned.detach()
-    scale = returned.float().abs().max().clamp_min(1.0)
-    error = float((mine.float() - returned.float()).abs().max() / scale)
+    finest = min(torch.finfo(returned.dtype).eps, torch.finfo(mine.dtype).eps)
+    returned, mine = returned.detach().float(), mine.float()
+    finite = torch.isfinite(returned) & torch.isfinite(mine)
+    # nan/inf (a diverged model) must sit at the same places with the same values; they decide nothing else
+    same_nonfinite = bool(((mine == returned) | (mine.isnan() & returned.isnan()) | finite).all())
+    if not bool(finite.any()) and same_nonfinite:
+        return  # nothing finite to compare: check again on the next call
+    scale = returned[finite].abs().max().clamp_min(1.0) if bool(finite.any()) else returned.new_tensor(1.0)
+    error = float((mine - returned)[finite].abs().max() / scale) if same_nonfinite else float("nan")
     # a few ulps of the finer of the two dtypes: a step done in another precision (a softcap after the
     # model's upcast, computed in bfloat16 here) differs by the coarser one's rounding
-    tolerance = 4 * min(torch.finfo(returned.dtype).eps, torch.finfo(mine.dtype).eps)
+    tolerance = 4 * finest
     if not error <= tolerance:  # also catches NaN
         raise LogitProcessingMismatch(
             f"prefixshare.response_logps: {name}'s forward processes the LM head's output differently from "
@@ -203,8 +210,10 @@ def _verify_processing(model, processing: LogitProcessing, raw: torch.Tensor, re
 
 # ================================================================================================ the forward
 def _run_model(model, inputs):
-    """The one place where the engine runs a model forward (``model(**inputs)``)."""
-    return model(**inputs)
+    """The one place where the engine runs a model forward (``model(**inputs)``); it raises
+    :class:`~prefixshare.LayoutNotAppliedError` unless every attention layer applied the batch's layout."""
+    with expect_layout_applied(model, _layout_of(inputs)):
+        return model(**inputs)
 
 
 def _output_embeddings(model) -> torch.nn.Module:
@@ -419,8 +428,12 @@ class _LogSoftmaxGather(torch.autograd.Function):
                     sink.write("logsumexp", at, z.amax(-1) - log_p.amax(-1))
                 if "mean_logit" in sink.values:
                     sink.write("mean_logit", at, z.mean(-1))
-                if "argmax_match" in sink.values:  # argmax: the first maximum
-                    sink.write("argmax_match", at, (z.argmax(-1) == targets[block]).float())
+                if "argmax_match" in sink.values:
+                    # argmax: the first maximum, as TRL counts. argmax takes a nan for the maximum, while TRL's
+                    # comparisons with a nan are false: a nan target logit is a miss, as there
+                    target_logit = z.gather(-1, t).squeeze(-1)
+                    hit = (z.argmax(-1) == targets[block]) & ~target_logit.isnan()
+                    sink.write("argmax_match", at, hit.float())
                 if "entropy" in sink.values:  # -softmax . log_softmax, without a third [rows, V] temporary
                     p = log_p.exp()
                     sink.write("entropy", at, -torch.bmm(p.unsqueeze(1), log_p.unsqueeze(2)).view(-1))

@@ -76,6 +76,11 @@ class PrefixShareLayout:
         response_lengths: ``[num_examples, num_responses]``, tokens per response.
 
     ``placements`` lists where each unit lies, for backends (varlen) and statistics.
+
+    ``max_token_id`` (the largest input id, recorded by the collators) lets a patched forward check the ids
+    against the model's vocabulary without reading a device tensor. ``origin`` identifies the batch: copies
+    made by :meth:`to` and :meth:`padded` share it, so logits stamped by a patched forward are recognized
+    as belonging to this batch wherever its tensors live.
     """
 
     unit_ids: torch.Tensor
@@ -88,6 +93,8 @@ class PrefixShareLayout:
     num_examples: int
     num_responses: int
     placements: tuple[Placement, ...]
+    max_token_id: int | None = None
+    origin: object = field(default_factory=object, repr=False)
     _derived: dict = field(default_factory=dict, repr=False)
 
     # ------------------------------------------------------------------ construction
@@ -100,6 +107,7 @@ class PrefixShareLayout:
         row_length: int,
         num_examples: int,
         num_responses: int,
+        max_token_id: int | None = None,
     ) -> "PrefixShareLayout":
         """Build the layout from units placed in rows. Units must not overlap or exceed ``row_length``."""
         B, L = num_rows, row_length
@@ -144,6 +152,7 @@ class PrefixShareLayout:
             num_examples=num_examples,
             num_responses=num_responses,
             placements=tuple(placements),
+            max_token_id=max_token_id,
         )
 
     # ------------------------------------------------------------------ the rule
@@ -229,6 +238,8 @@ class PrefixShareLayout:
                 num_examples=self.num_examples,
                 num_responses=self.num_responses,
                 placements=self.placements,
+                max_token_id=self.max_token_id,
+                origin=self.origin,
             )
 
         return self.cached(("to", str(device)), move)
@@ -260,9 +271,22 @@ class PrefixShareLayout:
                 num_examples=self.num_examples,
                 num_responses=self.num_responses,
                 placements=self.placements,
+                max_token_id=self.max_token_id,
+                origin=self.origin,
             )
 
         return self.cached(("padded", length), build)
+
+    @property
+    def is_plain_causal(self) -> bool:
+        """Whether plain causal attention already obeys the rule: every row holds one unit of one response,
+        starting at position 0 (the unpacked paired format). Such a batch gives exact log-probs through any
+        causal forward, patched or not; every other layout needs the patched attention."""
+        def build():
+            single = all(pl.offset == 0 and len(pl.unit.response_slots) == 1 for pl in self.placements)
+            return single and len({pl.row for pl in self.placements}) == len(self.placements)
+
+        return self.cached("is_plain_causal", build)
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -9,6 +9,7 @@ import torch
 
 from .collators import LAYOUT_KEY
 from .layout import PrefixShareLayout
+from .patch import check_logits
 
 
 class TokenIndex(NamedTuple):
@@ -117,7 +118,8 @@ def _input_ids_of(batch_or_layout, input_ids):
 def token_logps(predictor_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log p(target) from logits of shape ``[T, V]`` (any float dtype) -> ``[T]`` float32.
 
-    Upcasts one row at a time through ``log_softmax`` on the gathered rows only, never ``[B, L, V]``.
+    Upcasts the given rows to float32 at once: pass only the rows that predict response tokens (the
+    callers gather them first), never ``[B, L, V]``.
     """
     logprobs = torch.log_softmax(predictor_logits.float(), dim=-1)
     return logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
@@ -135,17 +137,24 @@ def gather_response_logps(logits: torch.Tensor, batch, *, input_ids: torch.Tenso
     """Summed log-probs of all K responses of every example.
 
     Args:
-        logits: ``[B, L, V]`` logits of the forward pass on ``batch`` (any float dtype).
+        logits: ``[B, L, V]`` logits of the forward pass on ``batch`` (any float dtype), as the patched model
+            returned them (``out.logits``).
         batch: the collator's output (or its layout, then pass ``input_ids``).
 
     Returns:
         :class:`ResponseLogps` with ``logps`` ``[n, K]`` float32 and ``num_tokens`` ``[n, K]``.
+
+    Raises:
+        LayoutNotAppliedError: ``logits`` do not come from a forward that applied this batch's layout in every
+            attention layer (an unpatched model, a changed attention implementation, another batch).
     """
-    layout = _layout_of(batch).to(logits.device)
+    layout = _layout_of(batch)
     ids = _input_ids_of(batch, input_ids).to(logits.device)
     B, L, V = logits.shape
     if (B, L) != layout.shape:
         raise ValueError(f"logits of shape {tuple(logits.shape)} do not match the batch layout {layout.shape}")
+    check_logits(logits, layout)
+    layout = layout.to(logits.device)
     flat = logits.reshape(B * L, V)
     per_token = token_logps(flat[layout.predictor_index], ids.reshape(-1)[layout.target_index])
     return ResponseLogps(sum_per_response(per_token, layout), layout.response_lengths)

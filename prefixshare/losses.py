@@ -29,6 +29,12 @@ What the rewards are follows TRL:
   per-token average the loss works with (TRL's ``CPOTrainer`` for SimPO, ``ORPOTrainer`` for ORPO), and
   ``logps/*`` are those averages too (both trainers compute average log-probs for these losses).
 
+Non-finite log-probs (nan or inf, e.g. an fp16 overflow) raise ValueError by default, naming the argument:
+a custom loop would otherwise step on a nan loss. The check costs one device sync. Every loss takes
+``check_finite=False`` to skip it; nan/inf then flow into the loss and the metrics, as in TRL's trainers
+(``PrefixShareDPOTrainer`` does this, and checks itself only when asked to). Shapes, dtypes and token counts are
+checked either way.
+
 Losses are computed in at least float32: 16-bit sums of hundreds of token log-probs lose the precision that
 ``logsigmoid`` of their differences needs.
 
@@ -115,10 +121,12 @@ def _check_tensors(
     logps: Mapping[str, Tensor | None],
     counts: Mapping[str, Tensor | None] | None = None,
     counts_alternative: str = "",
+    check_finite: bool = True,
 ) -> None:
     """Raise ValueError unless every tensor is present, 1-D, of one shape, finite, and counts are positive.
 
     ``counts_alternative`` completes the hint for missing counts when a loss can do without them.
+    ``check_finite=False`` skips the finiteness check only (see the module docstring).
     """
     counts = counts or {}
     for name, value in {**logps, **counts}.items():
@@ -155,7 +163,8 @@ def _check_tensors(
             raise ValueError(f"{loss} loss: {name} must hold token counts (long), got dtype {value.dtype}")
 
     # One device sync for the common (valid) case; the per-argument detail is only worked out on failure.
-    if not bool(torch.stack([torch.isfinite(v.detach()).all() for v in logps.values()]).all()):
+    # check_finite=False skips it (and its sync) for callers that handle nan/inf themselves.
+    if check_finite and not bool(torch.stack([torch.isfinite(v.detach()).all() for v in logps.values()]).all()):
         for name, value in logps.items():
             bad = int((~torch.isfinite(value.detach())).sum())
             if bad:
@@ -224,6 +233,7 @@ def _dpo_logratios(
     reference_rejected_logps: Tensor | None,
     counts: Mapping[str, Tensor | None] | None = None,
     counts_alternative: str = "",
+    check_finite: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Validate, then return the per-pair log-ratios ``(pi_c - ref_c, pi_r - ref_r)``, float32 or wider."""
     _check_tensors(
@@ -236,6 +246,7 @@ def _dpo_logratios(
         },
         counts,
         counts_alternative,
+        check_finite,
     )
     # The reference is a constant of the objective; detaching also keeps a caller's stray graph out of it.
     chosen = _float(policy_chosen_logps) - _float(reference_chosen_logps).detach()
@@ -257,6 +268,7 @@ def dpo_loss(
     beta: float = 0.1,
     label_smoothing: float = 0.0,
     reduction: str = "mean",
+    check_finite: bool = True,
 ) -> LossOutput:
     """DPO sigmoid loss (Rafailov et al. 2023), with cDPO label smoothing.
 
@@ -271,6 +283,8 @@ def dpo_loss(
         beta: > 0, the inverse temperature (strength of the KL anchor to the reference).
         label_smoothing: in ``[0, 0.5)``, the assumed probability that a preference label is flipped.
         reduction: ``"mean"`` (default) over pairs, ``"sum"``, or ``"none"`` for the ``[n]`` per-pair losses.
+        check_finite: True (default): raise ValueError if a log-prob is nan or inf; False: skip that check and its
+            device sync (nan/inf then reach the loss and the metrics).
 
     Returns:
         ``(loss, metrics)``: ``loss`` a float32 (or float64) scalar, ``metrics`` as in the module docstring.
@@ -279,7 +293,8 @@ def dpo_loss(
     beta = _check_beta("dpo", beta)
     label_smoothing = _check_label_smoothing("dpo", label_smoothing)
     chosen, rejected = _dpo_logratios(
-        "dpo", policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps
+        "dpo", policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+        check_finite=check_finite,
     )
     per_pair = _smoothed_sigmoid(beta * (chosen - rejected), label_smoothing)
     return _reduce(per_pair, reduction), _metrics(
@@ -296,6 +311,7 @@ def robust_dpo_loss(
     beta: float = 0.1,
     label_smoothing: float = 0.0,
     reduction: str = "mean",
+    check_finite: bool = True,
 ) -> LossOutput:
     """Robust DPO (Chowdhury et al. 2024, "Provably Robust DPO"), TRL's ``loss_type="robust"``.
 
@@ -311,7 +327,8 @@ def robust_dpo_loss(
     beta = _check_beta("robust", beta)
     label_smoothing = _check_label_smoothing("robust", label_smoothing)
     chosen, rejected = _dpo_logratios(
-        "robust", policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps
+        "robust", policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+        check_finite=check_finite,
     )
     logits = beta * (chosen - rejected)
     per_pair = (
@@ -330,6 +347,7 @@ def hinge_loss(
     *,
     beta: float = 0.1,
     reduction: str = "mean",
+    check_finite: bool = True,
 ) -> LossOutput:
     """Hinge loss on the DPO log-ratio margin (SLiC-style, Zhao et al. 2023), TRL's ``loss_type="hinge"``.
 
@@ -339,7 +357,8 @@ def hinge_loss(
     _check_reduction(reduction)
     beta = _check_beta("hinge", beta)
     chosen, rejected = _dpo_logratios(
-        "hinge", policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps
+        "hinge", policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+        check_finite=check_finite,
     )
     per_pair = torch.relu(1.0 - beta * (chosen - rejected))
     return _reduce(per_pair, reduction), _metrics(
@@ -358,6 +377,7 @@ def ipo_loss(
     beta: float = 0.1,
     length_normalize: bool = True,
     reduction: str = "mean",
+    check_finite: bool = True,
 ) -> LossOutput:
     """IPO loss (Azar et al. 2023, Eq. 17, with ``tau = beta``).
 
@@ -379,7 +399,7 @@ def ipo_loss(
             ``length_normalize`` is true, ignored otherwise.
         beta: > 0; the loss pushes ``h`` towards ``1 / (2 * beta)``.
         length_normalize: see above.
-        reduction: ``"mean"`` (default), ``"sum"`` or ``"none"``.
+        reduction: ``"mean"`` (default), ``"sum"`` or ``"none"``. check_finite: as in :func:`dpo_loss`.
 
     Returns:
         ``(loss, metrics)``; rewards are ``beta * (policy - reference)`` on summed log-probs, as in TRL, in
@@ -396,6 +416,7 @@ def ipo_loss(
         reference_rejected_logps,
         counts if length_normalize else {},
         "length_normalize=False for IPO on summed log-probs",
+        check_finite,
     )
     if length_normalize:
         h = _average(chosen, chosen_num_tokens) - _average(rejected, rejected_num_tokens)
@@ -418,6 +439,7 @@ def rpo_loss(
     alpha: float = 1.0,
     label_smoothing: float = 0.0,
     reduction: str = "mean",
+    check_finite: bool = True,
 ) -> LossOutput:
     """RPO (Pang et al. 2024, "Iterative Reasoning Preference Optimization"): DPO plus an NLL term on chosen.
 
@@ -433,7 +455,7 @@ def rpo_loss(
         chosen_num_tokens: integer ``[n]``, positive lengths of the chosen responses.
         beta, label_smoothing: as in :func:`dpo_loss`.
         alpha: >= 0, weight of the NLL term; default 1.0, the value the RPO paper uses.
-        reduction: ``"mean"`` (default), ``"sum"`` or ``"none"``.
+        reduction: ``"mean"`` (default), ``"sum"`` or ``"none"``. check_finite: as in :func:`dpo_loss`.
 
     Returns:
         ``(loss, metrics)``: DPO's metrics plus ``nll_loss``, the mean over pairs of the (unweighted) NLL.
@@ -451,6 +473,7 @@ def rpo_loss(
         reference_chosen_logps,
         reference_rejected_logps,
         {"chosen_num_tokens": chosen_num_tokens},
+        check_finite=check_finite,
     )
     nll = -_average(policy_chosen_logps, chosen_num_tokens)
     per_pair = _smoothed_sigmoid(beta * (chosen - rejected), label_smoothing) + alpha * nll
@@ -470,11 +493,13 @@ def _policy_averages(
     policy_rejected_logps: Tensor,
     chosen_num_tokens: Tensor | None,
     rejected_num_tokens: Tensor | None,
+    check_finite: bool = True,
 ) -> tuple[Tensor, Tensor]:
     _check_tensors(
         loss,
         {"policy_chosen_logps": policy_chosen_logps, "policy_rejected_logps": policy_rejected_logps},
         {"chosen_num_tokens": chosen_num_tokens, "rejected_num_tokens": rejected_num_tokens},
+        check_finite=check_finite,
     )
     return _average(policy_chosen_logps, chosen_num_tokens), _average(policy_rejected_logps, rejected_num_tokens)
 
@@ -489,6 +514,7 @@ def simpo_loss(
     gamma: float = 0.5,
     label_smoothing: float = 0.0,
     reduction: str = "mean",
+    check_finite: bool = True,
 ) -> LossOutput:
     """SimPO (Meng et al. 2024): reference-free, on length-normalized log-probs, with a target margin.
 
@@ -507,7 +533,7 @@ def simpo_loss(
         policy_chosen_logps, policy_rejected_logps: float ``[n]``, summed policy log-probs.
         chosen_num_tokens, rejected_num_tokens: integer ``[n]``, positive response lengths.
         beta: > 0, reward scale. gamma: finite, target margin. label_smoothing: in ``[0, 0.5)``.
-        reduction: ``"mean"`` (default), ``"sum"`` or ``"none"``.
+        reduction: ``"mean"`` (default), ``"sum"`` or ``"none"``. check_finite: as in :func:`dpo_loss`.
 
     Returns:
         ``(loss, metrics)``: rewards are ``beta * avg`` and ``logps/*`` the averages ``avg``, as in TRL.
@@ -517,7 +543,7 @@ def simpo_loss(
     gamma = _finite_float("simpo", "gamma", gamma)
     label_smoothing = _check_label_smoothing("simpo", label_smoothing)
     avg_c, avg_r = _policy_averages(
-        "simpo", policy_chosen_logps, policy_rejected_logps, chosen_num_tokens, rejected_num_tokens
+        "simpo", policy_chosen_logps, policy_rejected_logps, chosen_num_tokens, rejected_num_tokens, check_finite
     )
     per_pair = _smoothed_sigmoid(beta * (avg_c - avg_r) - gamma, label_smoothing)
     return _reduce(per_pair, reduction), _metrics(beta * avg_c, beta * avg_r, avg_c, avg_r)
@@ -541,6 +567,7 @@ def orpo_loss(
     *,
     beta: float = 0.1,
     reduction: str = "mean",
+    check_finite: bool = True,
 ) -> LossOutput:
     """ORPO (Hong et al. 2024): NLL on chosen plus a weighted odds-ratio term, reference-free.
 
@@ -557,6 +584,7 @@ def orpo_loss(
             need a probability below 1; an average of exactly 0 is nudged just below it).
         chosen_num_tokens, rejected_num_tokens: integer ``[n]``, positive response lengths.
         beta: > 0, weight of the odds-ratio term. reduction: ``"mean"`` (default), ``"sum"`` or ``"none"``.
+        check_finite: as in :func:`dpo_loss`.
 
     Returns:
         ``(loss, metrics)``: rewards ``beta * avg``, ``logps/*`` the averages, ``nll_loss`` (mean of
@@ -566,7 +594,7 @@ def orpo_loss(
     _check_reduction(reduction)
     beta = _check_beta("orpo", beta)
     avg_c, avg_r = _policy_averages(
-        "orpo", policy_chosen_logps, policy_rejected_logps, chosen_num_tokens, rejected_num_tokens
+        "orpo", policy_chosen_logps, policy_rejected_logps, chosen_num_tokens, rejected_num_tokens, check_finite
     )
     for name, avg in (("policy_chosen_logps", avg_c), ("policy_rejected_logps", avg_r)):
         bad = int((avg.detach() > 0).sum())
@@ -599,6 +627,7 @@ def nll_loss(
     beta: float = 0.1,
     length_normalize: bool = True,
     reduction: str = "mean",
+    check_finite: bool = True,
 ) -> LossOutput:
     """Negative log-likelihood of the chosen responses (SFT on the preferred side), reference-free.
 
@@ -612,6 +641,7 @@ def nll_loss(
         policy_rejected_logps, rejected_num_tokens: optional, used only for the reward metrics.
         beta: > 0, scales the logged rewards only.
         length_normalize: see above. reduction: ``"mean"`` (default), ``"sum"`` or ``"none"``.
+        check_finite: as in :func:`dpo_loss`.
 
     Returns:
         ``(loss, metrics)``: ``nll_loss`` and ``logps/chosen`` (per-token averages when normalized); when
@@ -627,7 +657,7 @@ def nll_loss(
         logps["policy_rejected_logps"] = policy_rejected_logps
         if length_normalize:
             counts["rejected_num_tokens"] = rejected_num_tokens
-    _check_tensors("nll", logps, counts, "length_normalize=False for the summed NLL")
+    _check_tensors("nll", logps, counts, "length_normalize=False for the summed NLL", check_finite)
 
     def normalized(x: Tensor, n: Tensor | None) -> Tensor:
         return _average(x, n) if length_normalize else _float(x)
@@ -696,8 +726,9 @@ def preference_loss(
         chosen_num_tokens, rejected_num_tokens: integer ``[n]`` response lengths; required by losses that
             normalize by length, ignored by the others.
         beta: > 0, the loss's temperature / weight (ORPO's lambda).
-        **options: the chosen loss's own keyword arguments, e.g. ``reduction="sum"``, ``label_smoothing``
-            (dpo, robust, rpo, simpo), ``length_normalize`` (ipo, nll), ``gamma`` (simpo), ``alpha`` (rpo).
+        **options: the chosen loss's own keyword arguments, e.g. ``reduction="sum"``, ``check_finite=False``
+            (every loss; see :func:`dpo_loss`), ``label_smoothing`` (dpo, robust, rpo, simpo), ``length_normalize``
+            (ipo, nll), ``gamma`` (simpo), ``alpha`` (rpo).
             An option the loss does not take raises ValueError rather than being silently ignored.
 
     Returns:

@@ -7,14 +7,25 @@ to every attention call (it survives gradient-checkpoint recompute). A call with
 model's original attention function with the original mask, so ``generate()``, evaluation and vision
 towers behave exactly as before.
 
-The registered name encodes both choices, so a deep copy or a pickled model stays patched and no
-per-model state lives outside the config.
+The registered name encodes both choices and re-registers itself when unpickled, so a deep copy or a
+model loaded with ``torch.load`` in a fresh process stays patched with no per-model state outside the
+config and its forward hooks.
+
+Trust: a layout that is ignored gives wrong numbers silently (plain causal attention lets a response see
+the one before it). So every forward that carries a layout is *recorded*: each attention call that applies
+it marks its module, and when the forward ends the record must hold every attention layer of the text
+decoder, or :class:`LayoutNotAppliedError` is raised. Logits of a forward that passed are stamped with the
+batch's identity, and the log-prob functions refuse logits without the stamp of their batch. The record is
+a Python set of module ids: no device sync, no extra forward.
 """
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import warnings
+import weakref
+from dataclasses import dataclass, field
 
 import torch
 
@@ -30,6 +41,7 @@ from ._compat import (
 from .architectures import UnsupportedModelError, architecture_of, unsupported_message
 from .backends import BACKENDS
 from .collators import LAYOUT_KEY
+from .structure import text_attention_modules, text_model_type, token_mixing_problems, unwrap_model
 
 # short, filter-safe codes: transformers 5.x matches implementation names by substring ("sdpa", "flash", ...)
 _CODES = {
@@ -49,8 +61,36 @@ _DEFAULT_BACKEND = {f"flash_attention_{v}": "varlen" for v in (2, 3, 4)}
 # name -> (backend, original kernel), filled as names are registered
 _REGISTERED: dict[str, tuple[str, str]] = {}
 
-# True while a forward that carries a layout runs: transformers' own mask builders are then skipped
-_LAYOUT_FORWARD = contextvars.ContextVar("prefixshare_layout_forward", default=False)
+# attribute set on logits produced by a forward that applied a layout everywhere: the layout's origin
+_STAMP = "_prefixshare_layout_origin"
+
+# module attribute: what patch() verified with the self-check (the backend name), kept through pickling
+_VERIFIED = "_prefixshare_verified_backend"
+
+
+class LayoutNotAppliedError(RuntimeError):
+    """A prefix-shared batch went through a forward that did not apply its layout in every attention layer.
+
+    Its logits would be wrong (a response attending to another); the fix is ``prefixshare.patch(model)``.
+    """
+
+
+# ---------------------------------------------------------------------------------------------- names
+class _ImplementationName(str):
+    """A registered implementation name that registers itself again when unpickled or deep-copied.
+
+    transformers looks the name up in a process-global registry on every forward; a model saved with
+    ``torch.save`` and loaded in a fresh process would otherwise fail with ``KeyError`` before any
+    prefixshare code ran.
+    """
+
+    def __reduce__(self):
+        return _restore_name, (str(self),)
+
+
+def _restore_name(name: str) -> str:
+    backend, kernel = _parse(name)
+    return _ensure_registered(backend, kernel)
 
 
 def _name(backend: str, kernel: str) -> str:
@@ -68,6 +108,9 @@ def _make_attention(backend: str, kernel: str):
         layout = kwargs.get(LAYOUT_KEY)
         if layout is None:
             return _original_attention(kernel, module)(module, query, key, value, attention_mask, **kwargs)
+        record = _ACTIVE.get()
+        if record is not None:
+            record.applied.add(id(module))
         scaling = kwargs.get("scaling")
         return attend(
             module,
@@ -87,7 +130,7 @@ def _make_attention(backend: str, kernel: str):
 
 def _make_mask(kernel: str):
     def prefixshare_mask(*args, **kwargs):
-        if _LAYOUT_FORWARD.get():
+        if _ACTIVE.get() is not None:
             return None  # the backends derive their masks from the layout; don't build one to throw away
         return ALL_MASK_ATTENTION_FUNCTIONS[kernel](*args, **kwargs)
 
@@ -95,10 +138,10 @@ def _make_mask(kernel: str):
 
 
 def _ensure_registered(backend: str, kernel: str) -> str:
-    name = _name(backend, kernel)
+    name = _ImplementationName(_name(backend, kernel))
     if name not in _REGISTERED:
         register_attention(name, _make_attention(backend, kernel), _make_mask(kernel))
-        _REGISTERED[name] = (backend, kernel)
+        _REGISTERED[str(name)] = (backend, kernel)
     return name
 
 
@@ -113,21 +156,155 @@ def _parse(name: str | None) -> tuple[str, str] | None:
     return _REGISTERED[name]
 
 
+# ---------------------------------------------------------------------------------------------- records
+@dataclass(eq=False)
+class _ForwardRecord:
+    """One forward that carries a layout: which attention modules applied it."""
+
+    layout: object
+    applied: set = field(default_factory=set)
+    inputs_checked: bool = False
+
+
+# the record of the forward now running (None outside a prefix-shared forward)
+_ACTIVE: contextvars.ContextVar[_ForwardRecord | None] = contextvars.ContextVar("prefixshare_forward", default=None)
+
+# hooked modules entered and not yet left, innermost last: (module, record it opened or None, reset token)
+_STACK: contextvars.ContextVar[tuple] = contextvars.ContextVar("prefixshare_stack", default=())
+
+# module -> number of attention modules of its text decoder (the structure does not change once patched)
+_EXPECTED: "weakref.WeakKeyDictionary[torch.nn.Module, int]" = weakref.WeakKeyDictionary()
+
+
+def _expected_layers(model) -> int:
+    if model not in _EXPECTED:
+        count = len(text_attention_modules(model))
+        if not count:  # attention that this reading cannot see: fall back on the layer count
+            count = getattr(text_config(unwrap_model(model).config), "num_hidden_layers", 0) or 0
+        _EXPECTED[model] = count
+    return _EXPECTED[model]
+
+
+def _verify(record: _ForwardRecord, model) -> None:
+    """Raise :class:`LayoutNotAppliedError` unless every attention layer of ``model`` applied the layout."""
+    layout = record.layout
+    expected = _expected_layers(model)
+    applied = len(record.applied)
+    if applied >= expected or (applied == 0 and layout.is_plain_causal):
+        return  # (the unpacked paired format needs no layout: plain causal attention is its rule)
+    inner = unwrap_model(model)
+    kernels = sorted({str(get_attn_implementation(c)) for c in _decoder_configs(inner)})
+    hooked = any(_has_hook(m._forward_pre_hooks, _enter_forward) for m in _hooked_modules(model))
+    if applied == 0 and not hooked and not any(_parse(k) for k in kernels):
+        raise LayoutNotAppliedError(
+            f"prefixshare: {type(inner).__name__} is not patched, so it ignored the batch's layout and its "
+            "responses attended to each other (wrong log-probs). Call prefixshare.patch(model) on it (and on a "
+            "reference model) before giving it prefix-shared or packed batches."
+        )
+    raise LayoutNotAppliedError(
+        f"prefixshare: the batch's layout was applied in {applied} of the {expected} attention layers of "
+        f"{type(inner).__name__} (attention implementation now {', '.join(kernels)}), so the other layers let "
+        "responses attend to each other. Was the attention implementation changed after prefixshare.patch() "
+        "(set_attn_implementation, config._attn_implementation)? Call prefixshare.patch(model) again."
+    )
+
+
+def _stamp(output, layout) -> None:
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        mark_layout_applied(logits, layout)
+
+
+def check_logits(logits: torch.Tensor, layout) -> None:
+    """Raise :class:`LayoutNotAppliedError` unless ``logits`` come from a forward that applied ``layout``.
+
+    ``logits`` must be the tensor a patched model returned for this batch (``out.logits``): the forward
+    stamps it once every attention layer applied the layout. A batch whose rows each hold one
+    prompt+response from position 0 (the unpacked paired format) needs no stamp.
+    """
+    if layout.is_plain_causal:
+        return
+    origin = getattr(logits, _STAMP, None)
+    if origin is layout.origin:
+        return
+    if origin is None:
+        raise LayoutNotAppliedError(
+            "prefixshare: these logits do not come from a patched forward of this batch, so the batch's layout "
+            "was not applied and its responses may have attended to each other. Call prefixshare.patch(model) "
+            "(if the model was wrapped by peft or another wrapper after patching, patch the wrapper too) and pass "
+            "the logits as the model returned them (out.logits: the log-prob functions upcast them themselves)."
+        )
+    raise LayoutNotAppliedError("prefixshare: these logits come from a forward of another batch than the one given")
+
+
+def mark_layout_applied(logits: torch.Tensor, layout) -> torch.Tensor:
+    """Declare that ``logits`` were computed with ``layout`` applied; returns ``logits``.
+
+    For logits built by hand (tests of the log-prob splitter, logits from another framework that applies
+    the same rule). Never use it on an unpatched model's output: that is exactly the wrong number the
+    check exists to stop.
+    """
+    setattr(logits, _STAMP, layout.origin)
+    return logits
+
+
+@contextlib.contextmanager
+def expect_layout_applied(model, layout):
+    """Run a forward of ``model`` on a batch with ``layout`` inside this block; raise on leaving it unless
+    every attention layer of the text decoder applied the layout (:class:`LayoutNotAppliedError`).
+
+    Works whether or not the model's own hooks run (a peft wrapper added after ``patch``), and on models
+    never patched. Nested blocks for the same batch check once, at the outermost.
+    """
+    current = _ACTIVE.get()
+    if current is not None and current.layout.origin is layout.origin:
+        yield current
+        return
+    record = _ForwardRecord(layout)
+    token = _ACTIVE.set(record)
+    try:
+        yield record
+    finally:
+        _ACTIVE.reset(token)
+    _verify(record, model)
+
+
 # ---------------------------------------------------------------------------------------------- hooks
 def _enter_forward(module, args, kwargs):
     layout = kwargs.get(LAYOUT_KEY)
+    record = _ACTIVE.get()
+    opened = token = None
     if layout is not None:
-        _check_forward_kwargs(kwargs, layout)
-    module.__dict__.setdefault("_prefixshare_tokens", []).append(_LAYOUT_FORWARD.set(layout is not None))
+        # check before any state is set: a refused call must leave no record behind (the exit hook of a
+        # forward whose pre-hook raised may not run, and a stale record would drop later forwards' masks)
+        if record is None or record.layout.origin is not layout.origin:
+            _check_forward_kwargs(module, kwargs, layout)
+            record = opened = _ForwardRecord(layout, inputs_checked=True)
+            token = _ACTIVE.set(record)
+        elif not record.inputs_checked:
+            _check_forward_kwargs(module, kwargs, layout)
+            record.inputs_checked = True
+    _STACK.set(_STACK.get() + ((module, opened, token),))
 
 
 def _exit_forward(module, args, kwargs, output):
-    tokens = module.__dict__.get("_prefixshare_tokens")
-    if tokens:
-        _LAYOUT_FORWARD.reset(tokens.pop())
+    stack = _STACK.get()
+    if not stack or stack[-1][0] is not module:
+        return
+    _STACK.set(stack[:-1])
+    _, opened, token = stack[-1]
+    if opened is None:
+        if kwargs.get(LAYOUT_KEY) is not None and output is not None and _ACTIVE.get() is not None:
+            _stamp(output, _ACTIVE.get().layout)  # a wrapper around the forward that owns the record
+        return
+    _ACTIVE.reset(token)
+    if output is None:  # the forward raised; its own error propagates
+        return
+    _verify(opened, module)
+    _stamp(output, opened.layout)
 
 
-def _check_forward_kwargs(kwargs, layout) -> None:
+def _check_forward_kwargs(module, kwargs, layout) -> None:
     if kwargs.get("labels") is not None:
         raise ValueError(
             "prefixshare: do not pass labels= with a prefix-shared batch (the model would shift them across "
@@ -143,6 +320,30 @@ def _check_forward_kwargs(kwargs, layout) -> None:
             raise ValueError(f"prefixshare: {key} of shape {tuple(value.shape)} does not match the layout {layout.shape}")
     if kwargs.get("position_ids") is None:
         raise ValueError("prefixshare: pass the batch's position_ids (model(**batch) does)")
+    _check_vocabulary(module, kwargs.get("input_ids"), layout)
+
+
+def _check_vocabulary(module, input_ids, layout) -> None:
+    """A token id past the embedding table fails inside torch with an IndexError that names nothing."""
+    if input_ids is None:
+        return
+    get_embeddings = getattr(unwrap_model(module), "get_input_embeddings", None)
+    embeddings = get_embeddings() if callable(get_embeddings) else None
+    size = getattr(embeddings, "num_embeddings", None)
+    if not isinstance(size, int):
+        return
+    # the collators record the largest id, so a batch already on the GPU costs no device read
+    largest = layout.max_token_id if layout.max_token_id is not None else int(input_ids.max())
+    if largest >= size:
+        ids = input_ids.detach().cpu()
+        if not bool((ids >= size).any()):
+            return  # the recorded maximum is stale (the ids were edited after collation); these are fine
+        where = torch.nonzero(ids >= size)[0].tolist()
+        raise ValueError(
+            f"prefixshare: input_ids hold token id {int(ids[tuple(where)])} at row {where[0]}, position "
+            f"{where[1]}, but the model's embedding table has {size} entries (ids 0..{size - 1}); was the batch "
+            "tokenized with another tokenizer, or the pad_token_id set past the vocabulary?"
+        )
 
 
 def _has_hook(hooks: dict, function) -> bool:
@@ -158,22 +359,19 @@ def _remove_hook(module, hooks_attribute: str, function) -> None:
             getattr(module, companion, {}).pop(key, None)
 
 
+def _hooked_modules(model) -> list[torch.nn.Module]:
+    """Where the hooks go: the object given (a peft or other wrapper runs them even when it calls the inner
+    model's ``forward`` directly) and every transformers model inside (``model.model(**batch)`` too)."""
+    from transformers import PreTrainedModel
+
+    modules = [model] if isinstance(model, torch.nn.Module) else []
+    for module in unwrap_model(model).modules():
+        if isinstance(module, PreTrainedModel) and all(module is not m for m in modules):
+            modules.append(module)
+    return modules
+
+
 # ---------------------------------------------------------------------------------------------- public
-def _unwrap(model):
-    """The transformers model inside DDP / FSDP1 / DeepSpeed / PEFT wrappers (FSDP2 keeps the class)."""
-    seen = set()
-    while id(model) not in seen:
-        seen.add(id(model))
-        if hasattr(model, "get_base_model") and callable(model.get_base_model):  # peft
-            model = model.get_base_model()
-        elif isinstance(model, torch.nn.parallel.DistributedDataParallel) or type(model).__name__ in (
-            "FullyShardedDataParallel",
-            "DeepSpeedEngine",
-        ):
-            model = model.module
-    return model
-
-
 def _decoder_configs(model) -> list:
     """The distinct text-decoder configs of every transformers model nested in ``model``."""
     from transformers import PreTrainedModel
@@ -186,7 +384,19 @@ def _decoder_configs(model) -> list:
     return list(found.values())
 
 
-def patch(model, backend: str | None = None, *, allow_unverified: bool = False):
+def _refuse_other_token_mixers(inner) -> None:
+    problems = token_mixing_problems(inner)
+    if problems:
+        raise UnsupportedModelError(
+            f"prefixshare cannot make {type(inner).__name__} exact: its "
+            + "; ".join(problems)
+            + ". Such a mixer reads the tokens physically before it, so in [prompt | response 1 | response 2] "
+            "the second response would read the first, whatever the attention mask says. Only decoders whose "
+            "tokens mix through attention alone can be patched (this holds with allow_unverified=True too)."
+        )
+
+
+def patch(model, backend: str | None = None, *, allow_unverified: bool = False, verify: bool | None = None):
     """Make ``model`` accept prefix-shared batches; returns the same model, patched in place.
 
     Args:
@@ -196,19 +406,30 @@ def patch(model, backend: str | None = None, *, allow_unverified: bool = False):
             ``"varlen"``. ``None`` keeps the kernel the model was loaded with (``flash_attention_2/3/4``
             map to ``"varlen"``).
         allow_unverified: patch a decoder outside the verified list (it must use transformers' attention
-            interface); a warning says so.
+            interface and mix tokens through attention alone). The self-check then runs (see ``verify``).
+        verify: run the self-check (:func:`prefixshare.selfcheck.self_check`): a few random prompts with two
+            responses through the patched model, prefix-shared and packed, against each prompt+response
+            alone through the original attention, log-probs and the gradients of one attention layer, in the
+            model's own dtype and device. ``None`` (default): only for unverified architectures, once per model
+            and backend. ``True``: always. ``False``: never (an explicit opt-out). A mismatch leaves the model
+            unpatched and raises. Cost: about six tiny forward passes (sequences of <= 20 tokens) and one
+            backward pass; on a GPU with ``flex_attention``, also compiling its kernel for those shapes.
 
     Idempotent: patching twice is the same as once (a new ``backend`` replaces the old one).
     Forwards without a ``prefixshare_layout`` keyword run the original attention unchanged.
 
     Raises:
-        UnsupportedModelError: the architecture is not verified and ``allow_unverified`` is False.
+        UnsupportedModelError: the architecture is not verified and ``allow_unverified`` is False; the model
+            mixes tokens through something other than attention (convolutions, SSM or linear-attention layers),
+            whatever ``allow_unverified`` says; the self-check found a difference.
         ValueError: the chosen backend cannot run this model (sdpa and Gemma2's softcap).
     """
-    inner = _unwrap(model)
+    inner = unwrap_model(model)
+    _refuse_other_token_mixers(inner)
     configs = [c for c in _decoder_configs(inner) if architecture_of(c) is not None]
-    if not configs:
-        model_type = getattr(text_config(inner.config), "model_type", None)
+    unverified = not configs
+    if unverified:
+        model_type = text_model_type(inner)
         if not allow_unverified:
             raise UnsupportedModelError(unsupported_message(model_type))
         if not getattr(inner, "_supports_attention_backend", False):
@@ -217,11 +438,14 @@ def patch(model, backend: str | None = None, *, allow_unverified: bool = False):
                 "transformers' AttentionInterface, so prefixshare cannot patch it"
             )
         warnings.warn(
-            f"prefixshare: patching unverified model_type {model_type!r}; verify it with compat/run_matrix.py",
+            f"prefixshare: patching unverified model_type {model_type!r}; the self-check runs on it "
+            "(compat/run_matrix.py checks more cases)",
             stacklevel=2,
         )
         configs = [text_config(inner.config)]
 
+    previous = [(c, get_attn_implementation(c)) for c in configs]
+    chosen_backends = set()
     for config in configs:
         current = get_attn_implementation(config) or "eager"
         parsed = _parse(current)
@@ -239,37 +463,68 @@ def patch(model, backend: str | None = None, *, allow_unverified: bool = False):
                 f"prefixshare: {getattr(config, 'model_type', '')} uses an attention logit softcap that sdpa cannot "
                 "apply; use backend='eager' or backend='flex_attention'"
             )
+        chosen_backends.add(chosen)
+    was_hooked = _has_hook(inner._forward_pre_hooks, _enter_forward)
+    for config in configs:
+        current = get_attn_implementation(config) or "eager"
+        parsed = _parse(current)
+        kernel = parsed[1] if parsed else current
+        chosen = backend or (parsed[0] if parsed else _DEFAULT_BACKEND.get(kernel, kernel))
         set_attn_implementation(config, _ensure_registered(chosen, kernel))
 
-    if not _has_hook(inner._forward_pre_hooks, _enter_forward):
-        inner.register_forward_pre_hook(_enter_forward, with_kwargs=True)
-        inner.register_forward_hook(_exit_forward, with_kwargs=True, always_call=True)
+    for module in _hooked_modules(model):
+        if not _has_hook(module._forward_pre_hooks, _enter_forward):
+            module.register_forward_pre_hook(_enter_forward, with_kwargs=True)
+            module.register_forward_hook(_exit_forward, with_kwargs=True, always_call=True)
+
+    checked = ",".join(sorted(chosen_backends))
+    if verify or (verify is None and unverified and inner.__dict__.get(_VERIFIED) != checked):
+        from .selfcheck import SelfCheckError, self_check
+
+        try:
+            self_check(inner)
+        except SelfCheckError:
+            for config, name in previous:
+                set_attn_implementation(config, name)
+            if not was_hooked:
+                _remove_hooks(model)
+            raise
+        inner.__dict__[_VERIFIED] = checked
     return model
+
+
+def _remove_hooks(model) -> None:
+    for module in _hooked_modules(model):
+        _remove_hook(module, "_forward_pre_hooks", _enter_forward)
+        _remove_hook(module, "_forward_hooks", _exit_forward)
 
 
 def unpatch(model):
     """Undo :func:`patch`: the original attention implementation, no hooks. Returns the model."""
-    inner = _unwrap(model)
+    inner = unwrap_model(model)
     for config in _decoder_configs(inner):
         parsed = _parse(get_attn_implementation(config))
         if parsed is not None:
             set_attn_implementation(config, parsed[1])
-    _remove_hook(inner, "_forward_pre_hooks", _enter_forward)
-    _remove_hook(inner, "_forward_hooks", _exit_forward)
-    inner.__dict__.pop("_prefixshare_tokens", None)
+    _remove_hooks(model)
+    inner.__dict__.pop(_VERIFIED, None)
     return model
 
 
 def is_patched(model) -> bool:
-    inner = _unwrap(model)
+    inner = unwrap_model(model)
     return any(_parse(get_attn_implementation(c)) for c in _decoder_configs(inner))
 
 
 def patched_backend(model) -> str | None:
     """The backend prefix-shared forwards of ``model`` use, or None if it is not patched."""
-    inner = _unwrap(model)
+    inner = unwrap_model(model)
     for config in _decoder_configs(inner):
         parsed = _parse(get_attn_implementation(config))
         if parsed:
             return parsed[0]
     return None
+
+
+# kept for the modules that imported the old private name
+_unwrap = unwrap_model

@@ -19,7 +19,6 @@ removes it before calling the model. When calling the model yourself, pass ``mod
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -28,6 +27,7 @@ import torch
 from .collators import LAYOUT_KEY, PrefixShareBatch
 from .engine import response_logps
 from .patch import is_patched
+from .structure import eval_mode
 
 REFERENCE_LOGPS_KEY = "reference_logps"
 """Batch key of precomputed reference log-probs, ``[n, K]`` float32; never passed to the model."""
@@ -72,18 +72,6 @@ def _check_patched(model, role: str) -> None:
         )
 
 
-@contextlib.contextmanager
-def _eval_mode(model):
-    """Eval mode (no dropout) for the duration, then every module's own training flag back."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, training in flags:
-            m.training = training
-
-
 def _disable_adapter_context(model):
     inner = model
     for _ in range(4):  # DDP / FSDP1 keep the peft model in .module
@@ -102,7 +90,7 @@ def _disable_adapter_context(model):
 def _forward_logps(model, batch) -> torch.Tensor:
     device = _device_of(model)
     inputs = model_inputs(batch).to(device)
-    with _eval_mode(model):
+    with eval_mode(model):
         return response_logps(model, inputs).logps
 
 

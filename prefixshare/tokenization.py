@@ -17,7 +17,9 @@ What TRL does, and so what this does:
   ``add_generation_prompt=True``; an example's ``tools`` and ``chat_template_kwargs`` fields are passed to the
   template). Without a ``prompt`` field the prompt is *implicit*: the longest common start of ``chosen`` and
   ``rejected`` (whole messages for conversations, characters for strings, stepping back over one space), as
-  TRL's ``extract_prompt``.
+  TRL's ``extract_prompt``. A ``prompt`` of ``None`` is refused, not taken as implicit (TRL extracts the prompt only when
+  the field is absent); any other type (numbers, token ids, a single message outside a list, a
+  message without a ``role``) raises ValueError naming the field, its type and, in a batch, the example's index.
 * **EOS.** In the standard format the tokenizer's EOS token (as text) is appended to ``chosen`` and
   ``rejected`` unless they already end with it; chat templates add their own end-of-turn tokens.
 * **BOS and special tokens.** Strings are tokenized with the tokenizer's defaults (``add_special_tokens=True``:
@@ -51,15 +53,58 @@ OUTPUT_KEYS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
 
 
 # ---------------------------------------------------------------------------------------------- format detection
-def _is_messages(value: Any) -> bool:
-    """A conversation: a non-empty list of ``{"role": ..., ...}`` mappings."""
-    return isinstance(value, (list, tuple)) and len(value) > 0 and isinstance(value[0], Mapping) and "role" in value[0]
+TEXT_FIELDS = ("prompt", "chosen", "rejected")
+
+EXPECTED = "a string (standard format) or a non-empty list of {'role', 'content'} messages (conversational format)"
 
 
 def _is_single(example: Mapping) -> bool:
-    """One example (strings or conversations) rather than a batch (lists of them)."""
+    """One example rather than a batch: a batch holds a list of strings or of conversations (lists) per field.
+
+    Anything else (a number, None, a single message, a list of ids) is taken as one example, whose check then
+    names the field and what it holds, instead of being iterated as a batch.
+    """
     value = example["chosen"]
-    return isinstance(value, str) or _is_messages(value)
+    if not isinstance(value, (list, tuple)):
+        return True
+    return len(value) > 0 and not isinstance(value[0], (str, list, tuple))
+
+
+def _describe(value: Any) -> str:
+    """A short account of a value for error messages: its type, and the types of a list's items."""
+    if isinstance(value, (list, tuple)):
+        if not value:
+            return f"an empty {type(value).__name__}"
+        return f"a {type(value).__name__} of {'/'.join(sorted({type(v).__name__ for v in value}))}"
+    if value is None:
+        return "None"
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
+
+
+def _text_format(value: Any, field: str) -> str:
+    """``"standard"`` or ``"conversational"`` for one text field, or a ValueError naming the field and its type."""
+    if isinstance(value, str):
+        return "standard"
+    if isinstance(value, (list, tuple)) and value and any(isinstance(m, Mapping) for m in value):
+        for j, message in enumerate(value):
+            # the template would render a missing role as an empty string, silently
+            if not isinstance(message, Mapping) or "role" not in message:
+                raise ValueError(
+                    f"{field!r}[{j}] is {_describe(message)}; every message of a conversation must be a mapping "
+                    "with a 'role' (and its 'content')"
+                )
+        return "conversational"
+    hint = ""
+    if value is None and field == "prompt":
+        hint = " (leave the 'prompt' field out for an implicit prompt, the common start of chosen and rejected)"
+    elif isinstance(value, Mapping):
+        hint = " (one message goes in a list: [message])"
+    elif isinstance(value, int) or (isinstance(value, (list, tuple)) and value and isinstance(value[0], int)):
+        hint = f" (token ids? tokenize_preference takes text; give ids to the collators as {field}_input_ids)"
+    elif isinstance(value, (list, tuple)) and value and isinstance(value[0], (str, list, tuple)):
+        hint = " (a batch of examples? pass batched=True)"
+    raise ValueError(f"{field!r} is {_describe(value)}; expected {EXPECTED}{hint}")
 
 
 # ---------------------------------------------------------------------------------------------- implicit prompt
@@ -133,20 +178,17 @@ def _tokenize_one(example: Mapping, tokenizer, max_length: int | None) -> dict[s
     for key in ("chosen", "rejected"):
         if key not in example:
             raise ValueError(f"a preference example needs a {key!r} field")
-    chosen, rejected = example["chosen"], example["rejected"]
-    prompt = example.get("prompt")
-
-    conversational = _is_messages(chosen)
-    if conversational != _is_messages(rejected) or (prompt is not None and isinstance(prompt, str) == conversational):
+    # An absent prompt is implicit; a prompt of None is refused (a missing value, not a request to extract one).
+    fields = [key for key in TEXT_FIELDS if key in example]
+    formats = {key: _text_format(example[key], key) for key in fields}
+    if len(set(formats.values())) > 1:
         raise ValueError(
             "prompt, chosen and rejected must all be strings (standard format) or all be lists of "
-            "{'role', 'content'} messages (conversational format)"
+            "{'role', 'content'} messages (conversational format); got "
+            + ", ".join(f"{key}: {'a string' if formats[key] == 'standard' else 'messages'}" for key in fields)
         )
-    if not conversational and not (isinstance(chosen, str) and isinstance(rejected, str)):
-        raise ValueError(
-            f"chosen and rejected must be strings or lists of messages, got {type(chosen).__name__} and "
-            f"{type(rejected).__name__}"
-        )
+    chosen, rejected, prompt = example["chosen"], example["rejected"], example.get("prompt")
+    conversational = formats["chosen"] == "conversational"
     if prompt is None:
         if conversational:
             chosen, rejected = list(chosen), list(rejected)
@@ -239,14 +281,25 @@ def tokenize_preference(
     if not batched:
         return _tokenize_one(example, tokenizer, max_length)
 
+    for key in TEXT_FIELDS:
+        # a string here would be repeated for every example (one example forced batched: once per character)
+        if key in example and not isinstance(example[key], (list, tuple)):
+            raise ValueError(
+                f"a batch needs a list with one entry per example in {key!r}, got {_describe(example[key])}"
+                + (" (one example? leave batched unset or pass batched=False)" if _is_single(example) else "")
+            )
     size = len(example["chosen"])
     for key, values in example.items():
         if isinstance(values, (list, tuple)) and len(values) != size:
             raise ValueError(f"batch field {key!r} has {len(values)} entries but 'chosen' has {size}")
     out: dict[str, list] = {key: [] for key in OUTPUT_KEYS}
     for i in range(size):
+        # other fields (tools, chat_template_kwargs) may be one value for the whole batch
         row = {key: values[i] if isinstance(values, (list, tuple)) else values for key, values in example.items()}
-        ids = _tokenize_one(row, tokenizer, max_length)
+        try:
+            ids = _tokenize_one(row, tokenizer, max_length)
+        except ValueError as error:
+            raise ValueError(f"example {i} of the batch: {error}") from error
         for key in OUTPUT_KEYS:
             out[key].append(ids[key])
     return out

@@ -169,3 +169,12 @@ def test_bench_memory_mode(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["bench", "--memory", "--vocabs", "32k"])
     assert "--vocabs takes comma-separated positive integers" in capsys.readouterr().err
+
+
+def test_python_dash_m_prefixshare_runs_the_cli():
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "prefixshare", "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "bench" in result.stdout and "stats" in result.stdout

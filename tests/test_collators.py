@@ -264,6 +264,35 @@ BAD_EXAMPLES = {
     "empty responses list": ({"prompt_input_ids": [1], "responses_input_ids": []}, "responses_input_ids"),
     "not a mapping": ([1, 2, 3], "mapping"),
     "different K": ({"prompt_input_ids": [1], "responses_input_ids": [[3], [4], [5]]}, "3 responses"),
+    # Added with the checks below; each of these was accepted (or hit torch's own error) before.
+    "responses and chosen/rejected": (
+        {"prompt_input_ids": [1], "responses_input_ids": [[3], [4]], "chosen_input_ids": [5], "rejected_input_ids": [6]},
+        "has both responses_input_ids and chosen_input_ids, rejected_input_ids; give either",
+    ),
+    "responses and rejected": (
+        {"prompt_input_ids": [1], "responses_input_ids": [[3], [4]], "rejected_input_ids": [6]},
+        "has both responses_input_ids and rejected_input_ids;",
+    ),
+    "id over int64": (
+        {"prompt_input_ids": [1], "chosen_input_ids": [3, 2**63], "rejected_input_ids": [4]},
+        r"chosen_input_ids\[1\] is 9223372036854775808; token ids must fit in int64",
+    ),
+    "response id over int64": (
+        {"prompt_input_ids": [1], "responses_input_ids": [[3], [4, 5, 2**70]]},
+        r"responses_input_ids\[1\]\[2\] is 1180591620717411303424; token ids must fit in int64",
+    ),
+    "uint64 tensor over int64": (
+        {**GOOD, "prompt_input_ids": torch.tensor([1, 2**64 - 1], dtype=torch.uint64)},
+        r"prompt_input_ids\[1\] is 18446744073709551615; token ids must fit in int64",
+    ),
+    "padded ids (attention mask with zeros)": (
+        {"prompt_input_ids": [1], "chosen_input_ids": [3, 0, 0], "chosen_attention_mask": [1, 0, 0], "rejected_input_ids": [4]},
+        r"chosen_attention_mask is 0 at positions \[1, 2\]: chosen_input_ids holds padding",
+    ),
+    "attention mask of another length": (
+        {"prompt_input_ids": [1, 2], "prompt_attention_mask": [1], "chosen_input_ids": [3], "rejected_input_ids": [4]},
+        "prompt_attention_mask has 1 entries but prompt_input_ids has 2 tokens",
+    ),
 }
 
 
@@ -293,7 +322,7 @@ def test_longer_than_max_length_without_truncation(cls):
     cls(pad_token_id=PAD, max_length=9)([GOOD, long])  # prompt + longest response = 9 fits
 
 
-@pytest.mark.parametrize("pad", [None, -1, 1.5, True])
+@pytest.mark.parametrize("pad", [None, -1, 1.5, True, 2**63])
 def test_bad_pad_token_id(pad):
     with pytest.raises(ValueError, match="pad_token_id"):
         PrefixShareCollator(pad_token_id=pad)
@@ -326,3 +355,111 @@ def test_numpy_ids_are_accepted_and_checked():
     assert batch["input_ids"].tolist() == [[5, 6, 7, 8]]
     with pytest.raises(ValueError, match="example 0: prompt_input_ids must hold integer token ids"):
         PrefixShareCollator(0)([{**example, "prompt_input_ids": np.array([5.0, 6.0])}])
+
+
+def test_numpy_ids_beyond_int64_are_named():
+    """numpy uint64 values >= 2**63 (arrays, scalars in lists, object arrays) get the collators' message.
+
+    Before, torch raised its own "Overflow when unpacking long long" (or, for object arrays, "can't convert
+    np.ndarray of type numpy.object_"), naming neither the example nor the field.
+    """
+    np = pytest.importorskip("numpy")
+    big = np.uint64(2**63)
+    cases = {
+        "prompt_input_ids": np.array([1, 2**63], dtype=np.uint64),
+        "chosen_input_ids": [np.uint64(3), big],
+        "rejected_input_ids": np.array([4, 2**70], dtype=object),
+    }
+    expected = {"prompt_input_ids": 2**63, "chosen_input_ids": 2**63, "rejected_input_ids": 2**70}
+    for cls in (PrefixShareCollator, PairedCollator):
+        for field, value in cases.items():
+            bad = {**GOOD, field: value}
+            message = f"example 1: {field}\\[1\\] is {expected[field]}; token ids must fit in int64"
+            with pytest.raises(ValueError, match=message):
+                cls(pad_token_id=PAD)([GOOD, bad])
+    # uint64 and object arrays within range are token ids like any other
+    fine = dict(
+        prompt_input_ids=np.array([5, 6], dtype=np.uint64),
+        chosen_input_ids=np.array([7], dtype=object),
+        rejected_input_ids=[np.uint64(8)],
+    )
+    assert PrefixShareCollator(PAD)([fine])["input_ids"].tolist() == [[5, 6, 7, 8]]
+
+
+@SETTINGS
+@given(data=st.data(), examples=examples_strategy())
+def test_out_of_range_id_anywhere_is_named(data, examples):
+    """One id beyond int64 anywhere in a batch: the error names its example, field and position."""
+    i = data.draw(st.integers(0, len(examples) - 1))
+    example = dict(examples[i])
+    fields = ["prompt_input_ids"] + [f"responses_input_ids[{k}]" for k in range(len(responses_of(example)))]
+    if "chosen_input_ids" in example:
+        fields = ["prompt_input_ids", "chosen_input_ids", "rejected_input_ids"]
+    field = data.draw(st.sampled_from(fields))
+    value = data.draw(st.integers(2**63, 2**64 - 1) | st.integers(2**64, 2**100))
+    as_tensor = value < 2**64 and data.draw(st.booleans())
+    if field.startswith("responses_input_ids"):
+        k = int(field[len("responses_input_ids[") : -1])
+        responses = [list(r) for r in example["responses_input_ids"]]
+        target = responses[k]
+    else:
+        target = list(example[field])
+    j = data.draw(st.integers(0, len(target) - 1))
+    target[j] = value
+    if as_tensor:
+        target = torch.tensor(target, dtype=torch.uint64)
+    if field.startswith("responses_input_ids"):
+        responses[k] = target
+        example["responses_input_ids"] = responses
+    else:
+        example[field] = target
+    bad = examples[:i] + [example] + examples[i + 1 :]
+    position = f"{field}[{j}]".replace("[", "\\[").replace("]", "\\]")
+    cls = data.draw(st.sampled_from([PrefixShareCollator, PairedCollator]))
+    with pytest.raises(ValueError, match=f"^example {i}: {position} is {value}; token ids must fit in int64"):
+        cls(pad_token_id=PAD)(bad)
+
+
+def test_int64_boundary():
+    """2**63 - 1 is the largest id a collator can store: accepted here (the model's vocabulary is the next
+    check); 2**63 is refused with the example, field and position (before: torch's "Overflow when unpacking
+    long long")."""
+    top = {"prompt_input_ids": [1, 2**63 - 1], "chosen_input_ids": [3], "rejected_input_ids": [4]}
+    assert PrefixShareCollator(PAD)([top])["input_ids"][0, 1].item() == 2**63 - 1
+    over = {**top, "prompt_input_ids": [1, 2**63]}
+    with pytest.raises(ValueError, match=r"^example 0: prompt_input_ids\[1\] is 9223372036854775808; token ids"):
+        PrefixShareCollator(PAD)([over])
+
+
+def test_a_field_set_to_none_counts_as_absent():
+    """datasets writes None where a row lacks a column; the other format's fields are then what counts.
+
+    Before, ``responses_input_ids=None`` next to chosen/rejected raised "must be a non-empty list".
+    """
+    pair = {**GOOD, "responses_input_ids": None}
+    group = {"prompt_input_ids": [1, 2], "responses_input_ids": [[3], [4, 5]]}
+    group.update(chosen_input_ids=None, rejected_input_ids=None)
+    for cls in (PrefixShareCollator, PairedCollator):
+        reference = cls(pad_token_id=PAD)([GOOD, GOOD])
+        batch = cls(pad_token_id=PAD)([pair, group])
+        assert torch.equal(batch["input_ids"], reference["input_ids"])
+    with pytest.raises(ValueError, match="example 0: responses_input_ids must be a non-empty list of responses.*NoneType"):
+        PrefixShareCollator(PAD)([{"prompt_input_ids": [1], "responses_input_ids": None}])
+
+
+def test_padded_ids_are_refused_and_masks_of_ones_accepted():
+    """Ids padded by the user (zeros in their attention mask) would have their padding scored as response
+    tokens: refused (before: collated silently). Unpadded ids with all-ones masks (lists, tensors or arrays)
+    collate as without them."""
+    padded = {**GOOD, "rejected_input_ids": [4, 5, 0], "rejected_attention_mask": torch.tensor([1, 1, 0])}
+    for cls in (PrefixShareCollator, PairedCollator):
+        with pytest.raises(ValueError, match=r"^example 1: rejected_attention_mask is 0 at positions \[2\]: "):
+            cls(PAD)([GOOD, padded])
+    with_masks = {
+        **GOOD,
+        "prompt_attention_mask": [1, 1],
+        "chosen_attention_mask": torch.ones(1, dtype=torch.long),
+        "rejected_attention_mask": [True, True],
+    }
+    batch = PrefixShareCollator(PAD)([with_masks])
+    assert torch.equal(batch["input_ids"], PrefixShareCollator(PAD)([GOOD])["input_ids"])

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from prefixshare.collators import PairedCollator, PrefixShareCollator
 from prefixshare.logps import ResponseLogps, gather_response_logps, split_logps
+from prefixshare.patch import mark_layout_applied
 
 SETTINGS = settings(max_examples=40, deadline=None)
 V = 11
@@ -54,7 +55,7 @@ def fill_logits(batch, prompt_tables, response_tables, seed, dtype=torch.float32
         for slot, m in zip(u.response_slots, u.response_lengths):
             logits[pl.row, cursor : cursor + m] = response_tables[u.example][slot]
             cursor += m
-    return logits.to(dtype)
+    return mark_layout_applied(logits.to(dtype), layout)  # hand-made logits that obey the rule
 
 
 def direct_logps(examples, prompt_tables, response_tables) -> torch.Tensor:
@@ -115,7 +116,7 @@ def test_bf16_logits_give_float32(case):
         chosen, rejected = split_logps(logits, batch)
         assert chosen.dtype == torch.float32 and rejected.dtype == torch.float32
         # the upcast happens before log_softmax: the same as float32 logits holding the bf16 values
-        c32, r32 = split_logps(logits.float(), batch)
+        c32, r32 = split_logps(mark_layout_applied(logits.float(), batch.layout), batch)
         assert torch.equal(chosen, c32) and torch.equal(rejected, r32)
 
 
@@ -129,7 +130,7 @@ def test_packed_output_is_in_input_order():
     batch = PrefixShareCollator(pad_token_id=0, max_tokens_per_row=12)(examples)
     assert [pl.unit.example for pl in batch.layout.placements][0] == 1  # the longest went first
     # uniform logits: each response's log-prob is -len * log V, distinct per example, so order shows
-    logits = torch.zeros(*batch["input_ids"].shape, V)
+    logits = mark_layout_applied(torch.zeros(*batch["input_ids"].shape, V), batch.layout)
     chosen, rejected = split_logps(logits, batch)
     per_token = -torch.log(torch.tensor(float(V)))
     assert torch.allclose(chosen, torch.tensor([1.0, 3.0, 2.0]) * per_token)
@@ -139,7 +140,7 @@ def test_packed_output_is_in_input_order():
 def test_layout_with_input_ids():
     examples = [{"prompt_input_ids": [1, 2], "chosen_input_ids": [3], "rejected_input_ids": [4, 5]}]
     batch = PrefixShareCollator(pad_token_id=0)(examples)
-    logits = torch.randn(*batch["input_ids"].shape, V)
+    logits = mark_layout_applied(torch.randn(*batch["input_ids"].shape, V), batch.layout)
     via_batch = split_logps(logits, batch)
     via_layout = split_logps(logits, batch.layout, input_ids=batch["input_ids"])
     assert all(torch.equal(a, b) for a, b in zip(via_batch, via_layout))
@@ -152,7 +153,7 @@ def test_layout_with_input_ids():
 def test_split_logps_needs_two_responses():
     examples = [{"prompt_input_ids": [1], "responses_input_ids": [[2], [3], [4]]}]
     batch = PrefixShareCollator(pad_token_id=0)(examples)
-    logits = torch.randn(*batch["input_ids"].shape, V)
+    logits = mark_layout_applied(torch.randn(*batch["input_ids"].shape, V), batch.layout)
     with pytest.raises(ValueError, match="K=3"):
         split_logps(logits, batch)
     assert gather_response_logps(logits, batch).logps.shape == (1, 3)

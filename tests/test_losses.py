@@ -667,6 +667,22 @@ def test_non_finite_logps(name, arg):
 
 
 @pytest.mark.parametrize("name", sorted(LOSSES))
+@pytest.mark.parametrize("arg", ["policy_chosen_logps", "policy_rejected_logps"])
+def test_check_finite_false_lets_non_finite_logps_through(name, arg):
+    """check_finite=False (what PrefixShareDPOTrainer passes): no raise, nan reaches the loss or the metrics, the
+    other pairs are untouched. Fails on main before check_finite existed (unknown option -> ValueError)."""
+    clean = make_inputs(0)
+    inputs = {**clean, arg: clean[arg].clone()}
+    inputs[arg][0] = float("nan")
+    inputs[arg][3] = float("-inf")
+    per_pair, metrics = preference_loss(name, **inputs, reduction="none", check_finite=False)
+    want, _ = preference_loss(name, **clean, reduction="none")
+    others = [i for i in range(N) if i not in (0, 3)]
+    assert torch.equal(per_pair[others], want[others])
+    assert any(bool(torch.isnan(v)) for v in (per_pair[0], *metrics.values()))
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
 @pytest.mark.parametrize("beta", [0.0, -0.1, float("nan"), float("inf")])
 def test_bad_beta(name, beta):
     inputs = make_inputs(0)

@@ -15,6 +15,7 @@ import types
 from pathlib import Path
 
 import pytest
+import torch
 
 import prefixshare
 from prefixshare.layout import PrefixShareLayout
@@ -103,7 +104,11 @@ def _run_one(architecture, backend="eager", adapter="full", packings=("unpacked"
     return rm.run_group(*group, log=lambda line: None)
 
 
-def test_the_matrix_fails_when_responses_see_each_other(monkeypatch):
+@pytest.mark.parametrize(
+    "architecture, backend, adapter",
+    [("llama", "sdpa", "full"), ("gemma2", "flex_attention", "qlora")],  # the second: forward-only, 4-bit
+)
+def test_the_matrix_fails_when_responses_see_each_other(monkeypatch, architecture, backend, adapter):
     def leaky(self, sliding_window=None):
         unit = self.unit_ids
 
@@ -113,8 +118,39 @@ def test_the_matrix_fails_when_responses_see_each_other(monkeypatch):
         return predicate
 
     monkeypatch.setattr(PrefixShareLayout, "attention_predicate", leaky)
-    for cell in _run_one("llama", "sdpa"):
+    for cell in _run_one(architecture, backend, adapter):
         assert cell.state == rm.FAIL and cell.logps_error > 1e-2, cell
+
+
+def test_4bit_layers_compute_in_float32_after_a_no_grad_forward(tmp_path):
+    """A 4-bit layer of the matrix's QLoRA model gives the float32 matmul of its dequantized weight, also after
+    an eval-mode forward under no_grad (how FlexAttention cells run on CPU).
+
+    Fails on the main this branch started from, on a CPU with AVX512-BF16 (bitsandbytes 0.50.2): that
+    forward moved every layer to bitsandbytes' bfloat16 kernel, 3.6e-3 off.
+    """
+    import bitsandbytes.functional as bnbf
+
+    model = rm.load_4bit("gemma2", "eager", torch.float32, rm.Settings(device="cpu", workdir=str(tmp_path)))
+    layer = model.model.layers[1].mlp.down_proj
+    weight = bnbf.dequantize_4bit(layer.weight.data, layer.weight.quant_state).double()
+    x = torch.randn(5, layer.in_features, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[5, 6, 7, 8]]), use_cache=False)
+        got = layer(x).double()
+    exact = x.double() @ weight.t()
+    assert float((got - exact).abs().max() / exact.abs().max()) < 1e-5
+
+
+@pytest.mark.skipif(
+    not __import__("bitsandbytes.functional").functional.has_avx512bf16(),
+    reason="bitsandbytes has no bfloat16 CPU kernel on this CPU",
+)
+def test_a_qlora_cell_fails_when_bitsandbytes_computes_in_bfloat16(monkeypatch):
+    """Without keep_bnb_default_path the forward-only cell runs in bfloat16: the cell must fail and say so."""
+    monkeypatch.setattr(rm, "keep_bnb_default_path", lambda model: model)
+    for cell in _run_one("gemma2", "flex_attention", "qlora", packings=("packed",)):
+        assert cell.state == rm.FAIL and "bfloat16 CPU kernel" in cell.reason, cell
 
 
 @pytest.mark.parametrize("mistake", ["no window", "window one too wide"])

@@ -11,10 +11,13 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import warnings
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from prefixshare import PrefixShareCollator
 from prefixshare.tokenization import tokenize_preference
@@ -236,6 +239,122 @@ def test_errors_are_clear():
         tokenize_preference({"prompt": "p", "chosen": "c", "rejected": "r"}, no_eos)
     with pytest.raises(ValueError, match="max_length"):
         tokenize_preference({"prompt": "p", "chosen": "c", "rejected": "r"}, tokenizer, max_length=0)
+
+
+USER = [{"role": "user", "content": "Hi?"}]
+ANSWER = [{"role": "assistant", "content": "Hello."}]
+OTHER = [{"role": "assistant", "content": "Go away"}]
+
+# (example, message): each failed deep in the tokenizer, gave a message without the field, or went through
+BAD_TEXT = {
+    "chosen a number": ({"prompt": "p", "chosen": 5, "rejected": "r"}, "'chosen' is int 5; expected a string"),
+    "rejected a number": ({"prompt": "p", "chosen": "c", "rejected": 5}, "'rejected' is int 5; expected a string"),
+    "chosen None": ({"prompt": "p", "chosen": None, "rejected": "r"}, "'chosen' is None; expected a string"),
+    "chosen bytes": ({"prompt": "p", "chosen": b"c", "rejected": "r"}, "'chosen' is bytes b'c'; expected"),
+    "prompt None": (  # went through as an implicit prompt
+        {"prompt": None, "chosen": "ab c", "rejected": "ab d"},
+        r"'prompt' is None; expected .* \(leave the 'prompt' field out for an implicit prompt",
+    ),
+    "conversational prompt None": (
+        {"prompt": None, "chosen": USER + ANSWER, "rejected": USER + OTHER},
+        "'prompt' is None; expected",
+    ),
+    "prompt a number": ({"prompt": 7, "chosen": "c", "rejected": "r"}, "'prompt' is int 7; expected"),
+    "token ids": (
+        {"prompt": "p", "chosen": [5, 6], "rejected": "r"},
+        r"'chosen' is a list of int; expected .*\(token ids\? .* as chosen_input_ids\)",
+    ),
+    "one message outside a list": (
+        {"prompt": USER, "chosen": ANSWER[0], "rejected": OTHER},
+        r"'chosen' is dict \{'role': 'assistant', 'content': 'Hello.'\}; expected .*\(one message goes in a list",
+    ),
+    "a message without a role": (  # went through: the template rendered the missing role as ""
+        {"prompt": USER, "chosen": ANSWER + [{"content": "more"}], "rejected": OTHER},
+        r"'chosen'\[1\] is dict \{'content': 'more'\}; every message of a conversation must be a mapping with a 'role'",
+    ),
+    "a string among messages": (
+        {"prompt": USER, "chosen": ANSWER, "rejected": OTHER + ["oops"]},
+        r"'rejected'\[1\] is str 'oops'; every message",
+    ),
+    "an empty conversation": ({"prompt": [], "chosen": ANSWER, "rejected": OTHER}, "'prompt' is an empty list; expected"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_TEXT))
+def test_bad_text_fields_are_named(case):
+    """Each case raises ValueError naming the field and its type, alone and as example 1 of a batch."""
+    example, message = BAD_TEXT[case]
+    tokenizer = build_tokenizer()
+    with pytest.raises(ValueError, match="^" + message):
+        tokenize_preference(example, tokenizer)
+    standard = not isinstance(example["chosen"], (list, dict))
+    good = {"prompt": "Hi", "chosen": " yes", "rejected": " no"} if standard else dict(prompt=USER, chosen=ANSWER, rejected=OTHER)
+    batch = {key: [good[key], example[key]] for key in example}
+    with pytest.raises(ValueError, match="^example 1 of the batch: " + message):
+        tokenize_preference(batch, tokenizer, batched=True)
+
+
+def test_batch_errors_name_the_example():
+    """Any error of one row of a batch says which row (before: the message alone, no index)."""
+    tokenizer = build_tokenizer()
+    batch = {"chosen": ["Same start A", "abc", "Same start B"], "rejected": ["Same start B", "xyz", "Same start C"]}
+    with pytest.raises(ValueError, match="^example 1 of the batch: chosen and rejected have no common beginning"):
+        tokenize_preference(batch, tokenizer)
+    long_prompt = {"prompt": ["Hi", "a long prompt"], "chosen": [" yes", "x"], "rejected": [" no", "y"]}
+    with pytest.raises(ValueError, match="^example 1 of the batch: the prompt has 14 tokens, max_length=5"):
+        tokenize_preference(long_prompt, tokenizer, max_length=5)
+
+
+def test_batch_fields_must_be_lists():
+    """A string where a batch needs a list was repeated for every example, silently: refused now.
+
+    So is one example forced through ``batched=True`` (before: tokenized once per character of ``chosen``).
+    """
+    tokenizer = build_tokenizer()
+    with pytest.raises(ValueError, match="^a batch needs a list with one entry per example in 'rejected', got str 'r'$"):
+        tokenize_preference({"prompt": ["p", "q"], "chosen": ["a", "b"], "rejected": "r"}, tokenizer)
+    with pytest.raises(ValueError, match=r"in 'prompt', got str 'p' \(one example\? leave batched unset"):
+        tokenize_preference({"prompt": "p", "chosen": "abc", "rejected": "xyz"}, tokenizer, batched=True)
+    # a batch forced through batched=False is named as such
+    with pytest.raises(ValueError, match=r"^'prompt' is a list of str; expected .*\(a batch of examples\? pass batched=True\)"):
+        tokenize_preference({"prompt": ["p", "q"], "chosen": ["a", "b"], "rejected": ["r", "s"]}, tokenizer, batched=False)
+
+
+def test_mixed_formats_name_each_field():
+    tokenizer = build_tokenizer()
+    with pytest.raises(ValueError, match="all be strings.*; got prompt: a string, chosen: messages, rejected: messages$"):
+        tokenize_preference({"prompt": "text", "chosen": ANSWER, "rejected": OTHER}, tokenizer)
+
+
+NOT_TEXT = st.one_of(
+    st.integers(),
+    st.floats(allow_nan=False),
+    st.booleans(),
+    st.none(),
+    st.binary(min_size=1, max_size=4),
+    st.lists(st.integers(0, 99), min_size=1, max_size=4),
+    st.dictionaries(st.sampled_from(["content", "text"]), st.text(max_size=3), min_size=1),  # no 'role'
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), bad=NOT_TEXT, conversational=st.booleans(), batched=st.booleans())
+def test_any_non_text_value_is_named(data, bad, conversational, batched):
+    """A value that is neither text nor a conversation, in any field of any row: ValueError naming the row (in a
+    batch), the field and the type; never a tokenizer error, never tokenized."""
+    tokenizer = build_tokenizer()
+    rows = [dict(row) for row in (CONVERSATIONAL if conversational else STANDARD[:4])]
+    rows = [{key: row[key] for key in ("prompt", "chosen", "rejected")} for row in rows]
+    i = data.draw(st.integers(0, len(rows) - 1)) if batched else 0
+    field = data.draw(st.sampled_from(["prompt", "chosen", "rejected"]))
+    rows[i][field] = bad
+    kind = "None" if bad is None else ("a list of int" if isinstance(bad, list) else type(bad).__name__)
+    where = f"example {i} of the batch: " if batched else ""
+    example = {key: [row[key] for row in rows] for key in rows[0]} if batched else rows[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError, match=f"^{re.escape(where)}'{field}' is {re.escape(kind)}"):
+            tokenize_preference(example, tokenizer, batched=batched)
 
 
 def test_output_feeds_the_collator():

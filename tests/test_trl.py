@@ -26,6 +26,7 @@ import contextlib
 import math
 
 import pytest
+import torch
 
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
@@ -33,6 +34,7 @@ datasets = pytest.importorskip("datasets")
 from trl import DPOConfig, DPOTrainer  # noqa: E402
 
 from prefixshare import UnsupportedModelError, is_patched  # noqa: E402
+from prefixshare.collators import LAYOUT_KEY  # noqa: E402
 from prefixshare.data import load_toy_preferences, toy_tokenizer  # noqa: E402
 from prefixshare.integrations.trl import PrefixShareDPOCollator, PrefixShareDPOTrainer  # noqa: E402
 from prefixshare.tiny import tiny_model  # noqa: E402
@@ -181,6 +183,129 @@ def test_precomputed_reference_matches_trl(tokenizer, tmp_path, monkeypatch):
     assert_logs_match(ours, theirs)
 
 
+def test_streaming_eval_set_matches_trl_and_map_style(tokenizer, tmp_path):
+    """evaluate() on a datasets.IterableDataset gives the numbers of TRL and of the map-style set.
+
+    Accelerate dispatches batches of iterable datasets (collate on the main process, concatenate, slice rows), which a
+    prefix-shared batch does not survive; on main this raised "RuntimeError: zero-dimensional tensor ... cannot be
+    concatenated". 6 pairs with batches of 4: a full and a partial batch; with packing too. The reference model has
+    other weights than the policy, so that rewards are not all zero without training.
+    """
+    rows = load_toy_preferences()[100:106]
+    results = {}
+    for cls, kwargs in (
+        (DPOTrainer, {}),
+        (PrefixShareDPOTrainer, {}),
+        (PrefixShareDPOTrainer, {"prefixshare_max_tokens_per_row": 200}),
+    ):
+        trainer = cls(
+            model=model(tokenizer),
+            ref_model=tiny_model("llama", vocab_size=len(tokenizer), seed=1),
+            args=config(tmp_path / cls.__name__),
+            train_dataset=dataset(ROWS, "x"),
+            processing_class=tokenizer,
+            **kwargs,
+        )
+        for streaming in (False, True):
+            data = dataset(rows, f"{cls.__name__}{kwargs}{streaming}")
+            result = trainer.evaluate(data.to_iterable_dataset() if streaming else data)
+            for key in ("eval_runtime", "eval_samples_per_second", "eval_steps_per_second"):
+                result.pop(key)
+            results[cls.__name__, bool(kwargs), streaming] = result
+    assert abs(results["DPOTrainer", False, False]["eval_rewards/margins"]) > 1e-3
+    for streaming in (False, True):
+        theirs = results["DPOTrainer", False, streaming]
+        for packed in (False, True):
+            assert_same(results["PrefixShareDPOTrainer", packed, streaming], theirs, f"{streaming=}, {packed=}")
+
+    # Streaming and map-style agree too, but for eval_loss: transformers' evaluation loop weights each batch's loss
+    # by the nominal batch size and accelerate trims the last, partial batch to its real size only when the dataset
+    # has a length. So a streaming eval_loss is the mean over batches, a map-style one the mean over pairs; TRL's
+    # numbers differ the same way (compared above), the other metrics are means over batches in both.
+    def without_loss(result):
+        return {key: value for key, value in result.items() if key != "eval_loss"}
+
+    theirs, ours = results["DPOTrainer", False, False], results["PrefixShareDPOTrainer", False, True]
+    assert_same(without_loss(ours), without_loss(theirs), "streaming vs map-style")
+
+
+def poisoned_model(tokenizer):
+    """A policy whose logit of the EOS token (the last token of every completion, TRL appends it) is nan."""
+    m = model(tokenizer)
+    with torch.no_grad():
+        m.lm_head.weight[tokenizer.eos_token_id] = float("nan")
+    return m
+
+
+def assert_same_allowing_nan(ours: dict, theirs: dict, where: str):
+    """assert_same, except that a value may be nan provided it is nan in both."""
+    nan = {key for key, value in theirs.items() if isinstance(value, float) and math.isnan(value)}
+    ours_nan = {key for key, value in ours.items() if isinstance(value, float) and math.isnan(value)}
+    assert ours_nan == nan, f"{where}: nan in {sorted(ours_nan)}, TRL: nan in {sorted(nan)}"
+    finite_ours, finite_theirs = ({k: v for k, v in d.items() if k not in nan} for d in (ours, theirs))
+    assert_same(finite_ours, finite_theirs, where)
+    return nan
+
+
+def test_nonfinite_logps_log_nan_as_trl(tokenizer, tmp_path):
+    """nan log-probs: both trainers train on, and log nan for the same metrics and equal values for the others.
+
+    On main PrefixShareDPOTrainer raised "ValueError: dpo loss: policy_chosen_logps has 4 non-finite entries" from
+    its loss; and it counted a nan target logit as a top-1 hit (mean_token_accuracy 0.10 at step 1 here, TRL: 0.0).
+    """
+    logs, evals = {}, {}
+    for cls in (DPOTrainer, PrefixShareDPOTrainer):
+        trainer = cls(
+            model=poisoned_model(tokenizer),
+            ref_model=tiny_model("llama", vocab_size=len(tokenizer)),
+            args=config(tmp_path / cls.__name__, max_steps=2),
+            train_dataset=dataset(ROWS, cls.__name__),
+            processing_class=tokenizer,
+        )
+        trainer.train()
+        logs[cls] = [entry for entry in trainer.state.log_history if "loss" in entry and "train_runtime" not in entry]
+        evals[cls] = trainer.evaluate(dataset(EVAL_ROWS, cls.__name__))
+        for key in ("eval_runtime", "eval_samples_per_second", "eval_steps_per_second"):
+            evals[cls].pop(key)
+    assert len(logs[DPOTrainer]) == len(logs[PrefixShareDPOTrainer]) == 2
+    for step, (ours, theirs) in enumerate(zip(logs[PrefixShareDPOTrainer], logs[DPOTrainer]), 1):
+        nan = assert_same_allowing_nan(ours, theirs, f"step {step}")
+        assert {"logps/chosen", "logps/rejected", "rewards/margins", "grad_norm"} <= nan
+    nan = assert_same_allowing_nan(evals[PrefixShareDPOTrainer], evals[DPOTrainer], "evaluate()")
+    assert {"eval_loss", "eval_logps/chosen", "eval_rewards/margins"} <= nan
+
+
+def test_stop_on_nonfinite_raises(tokenizer, tmp_path):
+    """prefixshare_stop_on_nonfinite=True: a clear FloatingPointError at the first step, in train() and evaluate().
+
+    Fails on main: the keyword did not exist (TypeError from DPOTrainer.__init__).
+    """
+    def trainer(**overrides):
+        return PrefixShareDPOTrainer(
+            model=poisoned_model(tokenizer),
+            ref_model=tiny_model("llama", vocab_size=len(tokenizer)),
+            args=config(tmp_path, **overrides),
+            train_dataset=dataset(ROWS, "x"),
+            processing_class=tokenizer,
+            prefixshare_stop_on_nonfinite=True,
+        )
+
+    message = (
+        r"PrefixShareDPOTrainer: non-finite \(nan or inf\) log-probs in {mode} after 0 optimizer steps: "
+        r"policy chosen 4/4, "
+        r"policy rejected 4/4 pairs\. .*prefixshare_stop_on_nonfinite=True"
+    )
+    with pytest.raises(FloatingPointError, match=message.format(mode="train")):
+        trainer().train()
+    with pytest.raises(FloatingPointError, match=message.format(mode="eval")):
+        trainer().evaluate(dataset(EVAL_ROWS, "x"))
+    with pytest.raises(ValueError, match="prefixshare_stop_on_nonfinite must be True or False"):
+        PrefixShareDPOTrainer(
+            model=model(tokenizer), args=config(tmp_path), train_dataset=dataset(ROWS, "x"),
+            processing_class=tokenizer, prefixshare_stop_on_nonfinite="yes",
+        )
+
+
 # ---------------------------------------------------------------------------------------------- what raises
 UNSUPPORTED = [
     (dict(loss_type=["exo_pair"], label_smoothing=1e-3), "loss_type"),
@@ -192,6 +317,7 @@ UNSUPPORTED = [
     (dict(padding_free=True), "padding_free"),
     (dict(use_liger_kernel=True), "use_liger_kernel"),
     (dict(truncation_mode="keep_end"), "truncation_mode"),
+    (dict(accelerator_config={"dispatch_batches": True}), "dispatch_batches"),
 ]
 
 
@@ -237,7 +363,59 @@ def test_unsupported_architecture_raises(tokenizer, tmp_path):
         )
 
 
+def test_collated_batch_survives_accelerate_dispatching():
+    """The collator's batches come unchanged through accelerate's single-process DataLoaderDispatcher (what an
+    IterableDataset gets by default: concatenate the batches, slice rows), with packing.
+
+    The trainer turns dispatching off; this covers the collator in a loop of one's own. On main the 0-d
+    prefixshare_paired_tokens made it raise "RuntimeError: zero-dimensional tensor ... cannot be concatenated".
+    """
+    from accelerate.data_loader import DataLoaderDispatcher, prepare_data_loader
+    from torch.utils.data import DataLoader, IterableDataset
+
+    from prefixshare.integrations.trl import PAIRED_TOKENS_KEY
+
+    examples = [
+        {"prompt_ids": list(range(3, 3 + p)), "chosen_ids": [7] * c, "rejected_ids": [9] * r}
+        for p, c, r in [(5, 3, 2), (2, 4, 4), (6, 1, 3), (3, 2, 5), (4, 4, 1), (2, 1, 1)]
+    ]
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            return iter(examples)
+
+    collator = PrefixShareDPOCollator(pad_token_id=0, max_tokens_per_row=24)
+    plain = list(DataLoader(Stream(), batch_size=4, collate_fn=collator))
+    loader = prepare_data_loader(
+        DataLoader(Stream(), batch_size=4, collate_fn=collator), device=torch.device("cpu"), put_on_device=True
+    )
+    assert isinstance(loader, DataLoaderDispatcher)
+    dispatched = list(loader)
+    assert len(dispatched) == len(plain) == 2
+    assert plain[0]["input_ids"].shape[0] < 4  # packed
+    for got, want in zip(dispatched, plain):
+        assert set(got) == set(want)
+        for key in ("input_ids", "position_ids", PAIRED_TOKENS_KEY):
+            assert torch.equal(got[key], want[key]), key
+        assert got[PAIRED_TOKENS_KEY].shape == got["input_ids"].shape[:1]
+        for field in ("unit_ids", "target_index", "predictor_index", "response_index", "response_lengths"):
+            assert torch.equal(getattr(got[LAYOUT_KEY], field), getattr(want[LAYOUT_KEY], field)), field
+    # TRL's paired-format token count: the prompt counted once per response
+    assert sum(int(b[PAIRED_TOKENS_KEY].sum()) for b in plain) == sum(
+        2 * len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in examples
+    )
+
+
 def test_collator_rejects_prompts_that_fill_max_length():
     collator = PrefixShareDPOCollator(pad_token_id=0, max_length=4)
     with pytest.raises(ValueError, match="no response token would remain"):
         collator([{"prompt_ids": [5, 6, 7, 8], "chosen_ids": [9], "rejected_ids": [10]}])
+
+
+@pytest.mark.parametrize("K", [1, 3])
+def test_collator_refuses_other_than_two_responses(K):
+    """Before: K=3 collated and the loss silently read only the first two responses (K=1: an IndexError)."""
+    collator = PrefixShareDPOCollator(pad_token_id=0)
+    example = {"prompt_input_ids": [5, 6], "responses_input_ids": [[7 + k] for k in range(K)]}
+    with pytest.raises(ValueError, match=f"pairs.*{K} responses"):
+        collator([example])

@@ -29,6 +29,14 @@ Extra keyword arguments:
   ``"flex_attention"``); ``None`` (default) keeps the model's own.
 * ``prefixshare_max_tokens_per_row``: pack the pairs of a batch first-fit-decreasing into rows of at most this
   many tokens (fewer, fuller rows, less padding); ``None`` (default): one pair per row.
+* ``prefixshare_stop_on_nonfinite``: ``False`` (default): nan/inf log-probs (an fp16 overflow, a diverging run)
+  give nan losses and metrics and training goes on, as with ``trl.DPOTrainer``; ``True``: raise
+  ``FloatingPointError`` at the first step whose policy or reference log-probs are not finite (costs one device
+  sync per step).
+
+Streaming (``IterableDataset``) training and evaluation sets work as map-style ones: the trainer sets
+``accelerator_config.dispatch_batches=False`` (each process collates its own batches; accelerate's dispatching
+cannot split a prefix-shared batch), and raises for an explicit ``dispatch_batches=True``.
 
 Options that prefix sharing does not cover raise ``ValueError`` in ``__init__`` rather than being ignored; see
 :data:`SUPPORTED_LOSS_TYPES` and the README's TRL section.
@@ -63,8 +71,10 @@ SUPPORTED_LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "sft")
 ``loss_type=["sigmoid", "sft"], loss_weights=[1.0, alpha]``). The others raise."""
 
 PAIRED_TOKENS_KEY = "prefixshare_paired_tokens"
-"""Batch key: the number of tokens the same pairs take in TRL's paired format (prompt counted twice); TRL's
-``num_tokens`` metric counts these, so that the metric means the same thing with either trainer."""
+"""Batch key: ``[B]`` long, per row, the number of tokens its pairs take in TRL's paired format (prompt counted
+twice); TRL's ``num_tokens`` metric counts these, so that the metric means the same thing with either trainer.
+One entry per row, like ``input_ids``, so that it concatenates and slices along dim 0 with the rest of the batch
+(a 0-d total could not be concatenated by accelerate)."""
 
 _MODEL_KEYS = ("input_ids", "position_ids", LAYOUT_KEY)
 
@@ -90,6 +100,11 @@ class PrefixShareDPOCollator:
     ``ref_chosen_logps`` / ``ref_rejected_logps``. Returns the :class:`~prefixshare.PrefixShareCollator` batch
     (``input_ids``, ``position_ids``, ``prefixshare_layout``, ``use_cache=False``) plus the reference log-probs
     when given and :data:`PAIRED_TOKENS_KEY`.
+
+    The batch is built for one process's dataloader: rows hold whole pairs (several when packed), the layout
+    indexes tokens by row, and the reference log-probs have one entry per pair, not per row. Accelerate's
+    ``dispatch_batches`` (concatenating the batches of all processes, then slicing rows) cannot carry it; the
+    trainer turns dispatching off (see :class:`PrefixShareDPOTrainer`).
 
     Args:
         pad_token_id: written into padding positions (never attended to, never scored).
@@ -134,10 +149,15 @@ class PrefixShareDPOCollator:
     def __call__(self, examples: Sequence[Mapping]) -> dict[str, Any]:
         batch = dict(self.collator([self._ids(e) for e in examples]))
         layout = batch[LAYOUT_KEY]
-        paired = sum(
-            p.unit.prompt_length * len(p.unit.response_slots) + sum(p.unit.response_lengths) for p in layout.placements
-        )
-        batch[PAIRED_TOKENS_KEY] = torch.tensor(paired)
+        if layout.num_responses != 2:
+            raise ValueError(
+                f"PrefixShareDPOCollator takes preference pairs (a chosen and a rejected response); these examples "
+                f"have {layout.num_responses} responses each (responses_input_ids): the DPO loss would read only two"
+            )
+        paired = torch.zeros(batch["input_ids"].shape[0], dtype=torch.long)
+        for p in layout.placements:
+            paired[p.row] += p.unit.prompt_length * len(p.unit.response_slots) + sum(p.unit.response_lengths)
+        batch[PAIRED_TOKENS_KEY] = paired
         for key in ("ref_chosen_logps", "ref_rejected_logps"):
             if key in examples[0]:
                 batch[key] = torch.tensor([float(e[key]) for e in examples], dtype=torch.float32)
@@ -179,6 +199,12 @@ def _check_config(args: DPOConfig) -> None:
             "keep_end cuts prompt+chosen and prompt+rejected at different prompt tokens, so they no longer share one "
             "prompt; use truncation_mode='keep_start' (TRL's default) or max_length=None",
         )
+    if getattr(getattr(args, "accelerator_config", None), "dispatch_batches", None) is True:
+        raise unsupported(
+            "accelerator_config.dispatch_batches=True",
+            "a prefix-shared batch cannot be concatenated across processes and re-split by rows (rows hold whole "
+            "pairs, packed rows several); leave dispatch_batches unset: each process then collates its own batches",
+        )
     if getattr(args, "torch_compile", False):
         raise unsupported("torch_compile=True", "not verified with prefix-shared attention")
     parallelism = getattr(args, "parallelism_config", None)
@@ -197,8 +223,8 @@ def _is_prompt_learning(model, peft_config) -> bool:
 
 # ---------------------------------------------------------------------------------------------- trainer
 class PrefixShareDPOTrainer(DPOTrainer):
-    """TRL's ``DPOTrainer`` with prefix sharing: same arguments, plus ``prefixshare_backend`` and
-    ``prefixshare_max_tokens_per_row`` (see the module docstring).
+    """TRL's ``DPOTrainer`` with prefix sharing: same arguments, plus ``prefixshare_backend``,
+    ``prefixshare_max_tokens_per_row`` and ``prefixshare_stop_on_nonfinite`` (see the module docstring).
 
     The model (and the reference model) are patched with :func:`prefixshare.patch`; forwards without a
     prefix-shared batch (``generate()``, your own evaluation) run the original attention.
@@ -208,8 +234,10 @@ class PrefixShareDPOTrainer(DPOTrainer):
             ``f_divergence_type``, ``use_weighting``, ``ld_alpha``, ``padding_free``, ``use_liger_kernel``,
             ``truncation_mode='keep_end'``, ``torch_compile``, ``compute_metrics``, a data collator of another
             kind, vision-language models or data, prompt-learning PEFT, Mixture-of-Experts auxiliary losses,
-            tensor/context/sequence parallelism).
+            tensor/context/sequence parallelism, ``accelerator_config.dispatch_batches=True``).
         prefixshare.UnsupportedModelError: an architecture :func:`prefixshare.patch` does not support.
+        FloatingPointError: while training or evaluating with ``prefixshare_stop_on_nonfinite=True``, at the first
+            step with nan/inf log-probs.
     """
 
     def __init__(
@@ -217,6 +245,7 @@ class PrefixShareDPOTrainer(DPOTrainer):
         *args,
         prefixshare_backend: str | None = None,
         prefixshare_max_tokens_per_row: int | None = None,
+        prefixshare_stop_on_nonfinite: bool = False,
         **kwargs,
     ):
         from transformers import AutoProcessor, ProcessorMixin
@@ -231,6 +260,17 @@ class PrefixShareDPOTrainer(DPOTrainer):
             name = model if isinstance(model, str) else get_config_model_id(model.config)
             config = arguments["args"] = DPOConfig(f"{name.split('/')[-1]}-DPO")
         _check_config(config)
+        if not isinstance(prefixshare_stop_on_nonfinite, bool):
+            raise ValueError(
+                f"prefixshare_stop_on_nonfinite must be True or False, got {prefixshare_stop_on_nonfinite!r}"
+            )
+        # Accelerate dispatches batches by default for iterable (streaming) datasets: the main process collates
+        # num_processes batches, concatenates them tensor by tensor, and hands each process a slice of rows. A
+        # prefix-shared batch does not survive that (its layout is no tensor and indexes tokens by row, reference
+        # log-probs are per pair and packed rows hold several pairs), so each process collates its own batches,
+        # exactly as with a map-style dataset. TRL does the same for streaming training sets (DPOTrainer.__init__
+        # sets dispatch_batches=False); here it covers evaluation sets too. An explicit True raised above.
+        config.accelerator_config.dispatch_batches = False
 
         if arguments.get("compute_metrics") is not None:
             raise ValueError(
@@ -289,6 +329,7 @@ class PrefixShareDPOTrainer(DPOTrainer):
             raise ValueError("give prefixshare_max_tokens_per_row to the PrefixShareDPOCollator you pass, not both")
 
         self._prefixshare_backend = prefixshare_backend
+        self._prefixshare_stop_on_nonfinite = prefixshare_stop_on_nonfinite
         self._prefixshare_patched: set[int] = set()
         # Patch now what exists now (an unsupported architecture fails here); models DPOTrainer loads itself
         # (from a name, or the reference copy) are patched on their first prefix-shared forward.
@@ -363,12 +404,17 @@ class PrefixShareDPOTrainer(DPOTrainer):
             ref_model = self.model if (self.ref_model is None and is_peft_model(self.model)) else self.ref_model
             ref = self._prefixshare_reference(ref_model, inputs)
             ref_chosen_logps, ref_rejected_logps = ref.logps[:, 0], ref.logps[:, 1]
+        if self._prefixshare_stop_on_nonfinite:
+            self._prefixshare_check_finite(mode, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
 
+        # check_finite=False: like trl.DPOTrainer, nan/inf log-probs give a nan loss and nan metrics and training
+        # goes on (the losses' own check would raise a ValueError mid-training and cost a device sync per step);
+        # prefixshare_stop_on_nonfinite=True stops instead, above.
         loss = 0.0
         for loss_type, weight in zip(self.loss_types, self.loss_weights, strict=True):
             if loss_type == "sft":
                 # TRL's SFT term: one mean over all chosen tokens of the batch (token-weighted, not per pair)
-                summed, _ = nll_loss(chosen_logps, length_normalize=False, reduction="sum")
+                summed, _ = nll_loss(chosen_logps, length_normalize=False, reduction="sum", check_finite=False)
                 term = summed / chosen_tokens.sum()
             else:
                 term, _ = preference_loss(
@@ -380,6 +426,7 @@ class PrefixShareDPOTrainer(DPOTrainer):
                     chosen_num_tokens=chosen_tokens,
                     rejected_num_tokens=rejected_tokens,
                     beta=self.beta,
+                    check_finite=False,
                     # TRL applies label smoothing to the robust loss only (its sigmoid ignores it)
                     **({"label_smoothing": self.label_smoothing} if loss_type == "robust" else {}),
                 )
@@ -387,6 +434,32 @@ class PrefixShareDPOTrainer(DPOTrainer):
 
         self._prefixshare_log_metrics(mode, inputs, policy, ref_chosen_logps, ref_rejected_logps)
         return loss
+
+    def _prefixshare_check_finite(self, mode, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps):
+        """Raise FloatingPointError if a log-prob of this step is nan or inf (``prefixshare_stop_on_nonfinite``).
+
+        The counts are summed over all processes, so that every process raises at the same step rather than one
+        raising while the others wait for it in a collective.
+        """
+        values = {
+            "policy chosen": chosen_logps,
+            "policy rejected": rejected_logps,
+            "reference chosen": ref_chosen_logps,
+            "reference rejected": ref_rejected_logps,
+        }
+        device = chosen_logps.device
+        counts = [(~torch.isfinite(v.detach().to(device))).sum() for v in values.values()]
+        counts.append(torch.tensor(chosen_logps.numel(), device=device))
+        *bad, pairs = self.accelerator.reduce(torch.stack(counts), reduction="sum").tolist()  # one device sync
+        if any(bad):
+            which = ", ".join(f"{name} {count}/{pairs}" for name, count in zip(values, bad) if count)
+            raise FloatingPointError(
+                f"PrefixShareDPOTrainer: non-finite (nan or inf) log-probs in {mode} after {self.state.global_step} "
+                f"optimizer steps: {which} pairs. The model's outputs overflowed or diverged (common causes: fp16 "
+                "overflow, try bf16; a learning rate too large; nan/inf in the weights or in precomputed reference "
+                "log-probs). Stopping because prefixshare_stop_on_nonfinite=True; with False (the default) "
+                "the trainer logs NaN metrics and goes on, as trl.DPOTrainer does."
+            )
 
     def _prefixshare_log_metrics(self, mode, inputs, policy: ResponseLogps, ref_chosen_logps, ref_rejected_logps):
         """DPOTrainer's metrics, the same names and definitions, from the prefix-shared statistics."""
@@ -400,7 +473,8 @@ class PrefixShareDPOTrainer(DPOTrainer):
         num_tokens, sums = policy.num_tokens, policy.stat_sums
         metrics["entropy"].append(ratio(sums["entropy"].sum(), num_tokens.sum()))
         if mode == "train":
-            paired = gather_for_metrics(inputs[PAIRED_TOKENS_KEY].to(self.accelerator.device)).sum().item()
+            # summed per process first, as TRL sums its attention mask: one scalar per process to gather
+            paired = gather_for_metrics(inputs[PAIRED_TOKENS_KEY].sum().to(self.accelerator.device)).sum().item()
             self._total_train_tokens += paired // self._tp_size
         metrics["num_tokens"] = [self._total_train_tokens]
         metrics["logits/chosen"].append(ratio(sums["mean_logit"][:, 0].sum(), num_tokens[:, 0].sum()))
