@@ -15,7 +15,8 @@ per-token statistics, so at most one ``[chunk, V]`` block exists at a time, in f
 * LM head trainable (full fine-tuning, tied embeddings, a LoRA adapter on ``lm_head``): each chunk runs
   under ``torch.utils.checkpoint``; its backward recomputes that chunk's LM head call (one extra
   ``[chunk, H] x [H, V]`` matmul per chunk) and writes the gradient of the logits into the recomputed
-  block in place.
+  block in place; each chunk's ``[V, H]`` weight gradient is summed into the weight's by autograd (one
+  more ``[V, H]`` block at a time).
 
 The LM head is called as a module, so peft adapters on it, FSDP/ZeRO-3 parameter gathering (their module
 hooks) and mixed-precision autocast keep working. Every model forward of the engine goes through
