@@ -8,6 +8,7 @@ the prompt is computed once. See README.md.
 from .architectures import ARCHITECTURES, UnsupportedModelError
 from .collators import LAYOUT_KEY, PairedCollator, PrefixShareBatch, PrefixShareCollator
 from .engine import STATS, LogitProcessingMismatch, response_logps
+from .groups import CompletionGroups, CompletionLogps, completion_logps, group_completions
 from .layout import PrefixShareLayout
 from .logps import ResponseLogps, TokenIndex, gather_response_logps, pad_per_token, split_logps
 from .losses import LOSSES, REFERENCE_FREE, preference_loss
@@ -36,6 +37,10 @@ __all__ = [
     "REFERENCE_FREE",
     "STATS",
     "TokenBudgetBatchSampler",
+    "CompletionGroups",
+    "CompletionLogps",
+    "completion_logps",
+    "group_completions",
     "WithReferenceLogps",
     "PairedCollator",
     "PrefixShareBatch",
