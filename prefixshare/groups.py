@@ -296,7 +296,7 @@ def group_completions(
     if N == 0:
         raise ValueError("no completions: completion_ids has no rows")
 
-    # Group the rows with a token to score by their prompt's tokens, in order of first appearance.
+    # Group the rows with a token to score by their prompt's tokens.
     groups: dict[tuple[int, ...], list[int]] = {}
     for r in range(N):
         if lengths[r] == 0:
@@ -309,6 +309,10 @@ def group_completions(
                 f"{lengths[r]} tokens; the first completion token needs a prompt token to predict it"
             )
         groups.setdefault(prompt, []).append(r)
+    # A canonical order (prompts, and completions within a group, sorted by their tokens): the layout depends on
+    # which rows are given, not on their order, so shuffled copies of a batch (TRL shuffles between the old-policy
+    # and the policy forward) are laid out, and rounded, identically.
+    groups = {prompt: sorted(rows, key=lambda r: (completions[r], r)) for prompt, rows in sorted(groups.items())}
 
     # Pieces: a prompt and the completions of one unit (split to respect the two budgets).
     pieces: list[tuple[tuple[int, ...], list[int]]] = []

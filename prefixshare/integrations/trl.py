@@ -490,3 +490,9 @@ class PrefixShareDPOTrainer(DPOTrainer):
         metrics["rewards/margins"].append(gather(chosen_rewards - rejected_rewards).mean().item())
         metrics["logps/chosen"].append(gather(chosen_logps).mean().item())
         metrics["logps/rejected"].append(gather(rejected_logps).mean().item())
+
+
+# GRPO and RLOO (online RL with shared prompts) live in their own module, re-exported here: one import path.
+from .trl_rl import PrefixShareGRPOTrainer, PrefixShareRLOOTrainer  # noqa: E402
+
+__all__ += ["PrefixShareGRPOTrainer", "PrefixShareRLOOTrainer"]
