@@ -148,3 +148,115 @@ def format_stats(name: str, s: DatasetStats) -> str:
     if s.paired_rows is not None:
         lines.append(f"  packed rows: paired {s.paired_rows}, prefix-shared {s.shared_rows}")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- online RL groups
+def load_prompts(path: str, limit: int | None = None) -> list:
+    """The prompts of a json / jsonl(.gz) file, for ``prefixshare stats --group``: each example's ``prompt`` (a
+    string or a list of messages), or the messages of ``messages`` / ShareGPT ``conversations`` before the last
+    assistant turn. Errors name the example."""
+    with _open(path) as f:
+        text = f.read()
+    rows = json.loads(text) if text.lstrip().startswith("[") else [json.loads(line) for line in text.splitlines() if line.strip()]
+    rows = rows[:limit] if limit else rows
+    prompts = []
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}: example {i} is a {type(row).__name__}, expected an object")
+        if "prompt" in row:
+            prompts.append(row["prompt"])
+            continue
+        turns = row.get("messages", row.get("conversations"))
+        if not isinstance(turns, list) or not turns:
+            raise ValueError(f"{path}: example {i} has no 'prompt', 'messages' or 'conversations' field")
+        messages = [_sharegpt({"conversations": [t], "chosen": t, "rejected": t}, i)["prompt"][0] for t in turns]
+        while messages and messages[-1]["role"] == "assistant":  # the answer is what the policy generates
+            messages.pop()
+        if not messages:
+            raise ValueError(f"{path}: example {i} holds assistant turns only; no prompt")
+        prompts.append(messages)
+    return prompts
+
+
+def tokenize_prompts(prompts: list, tokenizer) -> list[list[int]]:
+    """Token ids of each prompt as a GRPO/RLOO trainer builds them: a string with the tokenizer's special tokens,
+    messages with the chat template and the generation prompt (plain text without a template)."""
+    has_template = getattr(tokenizer, "chat_template", None) is not None
+    out = []
+    for i, prompt in enumerate(prompts):
+        if isinstance(prompt, str):
+            out.append(list(tokenizer(prompt)["input_ids"]))
+        elif isinstance(prompt, list) and has_template:
+            ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
+            out.append(list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids))
+        elif isinstance(prompt, list):
+            out.append(list(tokenizer(_plain_text(prompt) + "\n\nAssistant:")["input_ids"]))
+        else:
+            raise ValueError(f"example {i}: the prompt is a {type(prompt).__name__}; expected a string or a list of messages")
+    return out
+
+
+def prompt_ids_of_file(path: str, tokenizer, limit: int | None = None) -> list[list[int]]:
+    """Tokenized prompts of a prompt dataset (:func:`load_prompts`) or of a preference dataset (its examples'
+    prompts as :func:`tokenize_all` splits them, implicit prompts included: HH-RLHF, ShareGPT pairs)."""
+    rows = load_preference_file(path, limit=limit)
+    if rows and all("chosen" in row and "rejected" in row for row in rows):
+        return [e["prompt_input_ids"] for e in tokenize_all(rows, tokenizer)]
+    return tokenize_prompts(load_prompts(path, limit=limit), tokenizer)
+
+
+@dataclass
+class GroupStats:
+    """Token and attention-pair counts of ``G`` completions of ``C`` tokens per prompt: TRL's rows (the prompt
+    in every row, padding-free) vs prefix-shared units (the prompt once per group)."""
+
+    prompts: int
+    median_prompt: float
+    group_size: int
+    completion_length: int
+    rows_tokens: int
+    shared_tokens: int
+    rows_attention: float
+    shared_attention: float
+
+    @property
+    def token_speedup(self) -> float:
+        """The ideal speedup of the linear layers: ``sum G(p + C) / sum (p + G C)``."""
+        return self.rows_tokens / self.shared_tokens
+
+    @property
+    def attention_speedup(self) -> float:
+        return self.rows_attention / self.shared_attention
+
+
+def group_stats(prompt_ids: list[list[int]], group_size: int, completion_length: int) -> GroupStats:
+    """:class:`GroupStats` of tokenized prompts for ``group_size`` completions of ``completion_length`` tokens."""
+    if not prompt_ids:
+        raise ValueError("no prompts")
+    G, C = group_size, completion_length
+    p = [len(ids) for ids in prompt_ids]
+
+    def pairs(n):  # query-key pairs of causal attention over n tokens
+        return n * (n + 1) / 2
+
+    return GroupStats(
+        prompts=len(p),
+        median_prompt=statistics.median(p),
+        group_size=G,
+        completion_length=C,
+        rows_tokens=sum(G * (pi + C) for pi in p),
+        shared_tokens=sum(pi + G * C for pi in p),
+        rows_attention=sum(G * pairs(pi + C) for pi in p),
+        shared_attention=sum(pairs(pi + C) + (G - 1) * (C * pi + pairs(C)) for pi in p),
+    )
+
+
+def format_group_stats(name: str, s: GroupStats) -> str:
+    return "\n".join([
+        f"{name}: {s.prompts} prompts, median {s.median_prompt:g} tokens; G = {s.group_size} completions of "
+        f"{s.completion_length} tokens each",
+        f"  tokens, all prompts with G completions each: rows (TRL) {s.rows_tokens:,}, prefix-shared groups "
+        f"{s.shared_tokens:,}",
+        f"  group ideal: {s.token_speedup:.2f}x on linear layers (tokens, G(p + c) / (p + Gc)), "
+        f"{s.attention_speedup:.2f}x on attention (query-key pairs)",
+    ])  # fmt: skip
