@@ -118,6 +118,7 @@ class GroupBenchResult:
     steps: int
     rounds: int
     length_scale: float
+    threads: int
     date: str
     measurements: list[GroupMeasurement] = field(default_factory=list)
     ideal: dict = field(default_factory=dict)  # "profile/G" -> rows real tokens / shared real tokens
@@ -236,7 +237,8 @@ def run_group_bench(
     result = GroupBenchResult(
         machine=describe_machine(device), device=device, torch=torch.__version__, transformers=transformers.__version__,
         model_shape=shape, dtype=str(dtype).replace("torch.", ""), lora=lora, prompts_per_step=prompts_per_step,
-        steps=steps, rounds=rounds, length_scale=length_scale, date=datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+        steps=steps, rounds=rounds, length_scale=length_scale, threads=torch.get_num_threads(),
+        date=datetime.now(timezone.utc).strftime("%Y-%m-%d"),
     )  # fmt: skip
     vocab = MODEL_SHAPES[shape]["vocab_size"]
     plans = {}
@@ -297,7 +299,8 @@ def format_group_table(result: GroupBenchResult) -> str:
     lines = [
         f"prefixshare bench --groups: {result.machine}, {result.device}, torch {result.torch}, transformers "
         f"{result.transformers}, model {result.model_shape}{' + LoRA' if result.lora else ''}, {result.dtype}, "
-        f"{result.prompts_per_step} prompts/step, lengths x{result.length_scale:g}, {result.date}",
+        f"{result.prompts_per_step} prompts/step, lengths x{result.length_scale:g}, {result.threads} thread(s), "
+        f"fastest of {result.rounds} rounds, {result.date}",
         "",
         "| profile | median p / c | G | backend | mode | ideal | "
         + " | ".join(f"{f} completions/s (x)" for f in GROUP_FORMATS)

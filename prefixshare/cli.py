@@ -98,6 +98,8 @@ def _bench_groups(args, device: str) -> int:
     modes = args.modes.split(",") if args.modes else list(bench_groups.MODES)
     if not modes or set(modes) - set(bench_groups.MODES):
         raise ValueError(f"--modes takes a comma-separated subset of {', '.join(bench_groups.MODES)}, got {args.modes!r}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype or ("bfloat16" if device == "cuda" else "float32")]
     shape = args.shape or ("1b" if device == "cuda" else "tiny")
     # dense-mask kernels on CPU: sdpa (eager materializes every score; varlen's CPU kernel is a reference loop)
@@ -209,7 +211,8 @@ def main(argv=None) -> int:
     m.add_argument("--memory-limit-gb", type=float, default=8.0,
                    help="skip cells whose predicted peak exceeds this (default: 8)")
     m.add_argument("--repeats", type=int, default=2, help="runs per cell; the time is the best (default: 2)")
-    m.add_argument("--threads", type=int, help="OMP_NUM_THREADS of the cells' processes")
+    m.add_argument("--threads", type=int, help="OMP_NUM_THREADS of the cells' processes (--groups: torch's intra-op "
+                   "threads; 1 keeps a busy shared machine from stalling OpenMP barriers)")
     m.add_argument("--chunk-size", type=int, help="the engine's rows per chunk (default: from the vocabulary size)")
     b.set_defaults(run=_bench)
 
