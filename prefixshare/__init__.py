@@ -5,7 +5,7 @@ rule that keeps the responses apart and positions that restart each response at 
 the prompt is computed once. See README.md.
 """
 
-from .architectures import ARCHITECTURES, UnsupportedModelError
+from .architectures import UnsupportedModelError
 from .collators import LAYOUT_KEY, PairedCollator, PrefixShareBatch, PrefixShareCollator
 from .engine import STATS, LogitProcessingMismatch, response_logps
 from .layout import PrefixShareLayout
@@ -22,7 +22,6 @@ from .training import preference_step
 __version__ = "0.1.0"
 
 __all__ = [
-    "ARCHITECTURES",
     "UnsupportedModelError",
     "LayoutNotAppliedError",
     "SelfCheckError",

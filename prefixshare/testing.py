@@ -85,6 +85,29 @@ def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
     return float((value.detach().float() - reference.detach().float()).abs().max() / scale)
 
 
+def gradient_error(grads: dict, reference: dict, *, floor: float = 0.0) -> tuple[float, str | None]:
+    """The worst parameter's gradient error: ``max |g - w| / max(max |w|, floor * G)`` over parameters, with ``G``
+    the largest ``|w|`` of any parameter; returns ``(error, parameter name)``. A parameter missing from
+    ``grads`` counts as an infinite error.
+
+    ``floor=0`` is the plain per-parameter normwise relative error. A positive floor measures parameters whose
+    gradient is tiny next to the model's on the model's scale: a key projection's bias has a gradient of exactly
+    zero in exact arithmetic (softmax ignores a shift common to every key), so its computed gradient is float32
+    rounding noise on both sides, and noise divided by noise is of order one.
+    """
+    scale = max((float(w.detach().abs().max()) for w in reference.values() if w.numel()), default=0.0)
+    worst, name = 0.0, None
+    for key, ref in reference.items():
+        if key not in grads:
+            return float("inf"), key
+        denominator = max(float(ref.detach().abs().max()) if ref.numel() else 0.0, floor * scale,
+                          torch.finfo(torch.float32).tiny)  # fmt: skip
+        error = float((grads[key].detach().float() - ref.detach().float()).abs().max()) / denominator
+        if not error < worst:  # (NaN wins)
+            worst, name = error, key
+    return worst, name
+
+
 def _loss_weights(shape, seed: int = 1234) -> torch.Tensor:
     # fixed random weights, so that gradients of chosen and rejected terms cannot cancel out by symmetry
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
@@ -98,7 +121,9 @@ def _trainable_grads(model) -> dict[str, torch.Tensor]:
     }
 
 
-def compare_with_alone(reference_model, patched_model, examples, collator, *, gradients: bool = True) -> Comparison:
+def compare_with_alone(
+    reference_model, patched_model, examples, collator, *, gradients: bool = True, gradient_floor: float = 0.0
+) -> Comparison:
     """Compare log-probs (and parameter gradients) of a prefix-shared forward with runs alone.
 
     The prefix-shared side runs through :func:`prefixshare.response_logps` (the log-prob engine every
@@ -111,6 +136,8 @@ def compare_with_alone(reference_model, patched_model, examples, collator, *, gr
         collator: a ``PrefixShareCollator`` or ``PairedCollator``.
         gradients: also compare the gradients of ``sum(w * logps)`` (fixed random ``w``) on every
             trainable parameter (both models' gradients are zeroed first and left set).
+        gradient_floor: see :func:`gradient_error` (0: every parameter on its own scale; 1: the whole gradient
+            as one vector).
     """
     device = next(patched_model.parameters()).device
     batch = collator(examples).to(device)
@@ -129,9 +156,5 @@ def compare_with_alone(reference_model, patched_model, examples, collator, *, gr
         if ref_grads.keys() != grads.keys():
             raise AssertionError(f"different parameters received gradients: {sorted(ref_grads.keys() ^ grads.keys())}")
         num_parameters = len(ref_grads)
-        grad_error = 0.0
-        for name, ref in ref_grads.items():
-            error = relative_error(grads[name], ref)
-            if error >= grad_error:
-                grad_error, worst = error, name
+        grad_error, worst = gradient_error(grads, ref_grads, floor=gradient_floor)
     return Comparison(relative_error(got, want), grad_error, worst, num_parameters)

@@ -356,38 +356,34 @@ def _phi():
     return transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
 
 
-def test_unsupported_architecture_is_refused_naming_the_supported_ones():
-    model = _phi()
-    with pytest.raises(UnsupportedModelError) as info:
-        patch(model)
-    message = str(info.value)
-    assert "phi" in message and "allow_unverified" in message
-    for architecture in prefixshare.ARCHITECTURES:
-        assert architecture.name in message
-    assert isinstance(info.value, ValueError)
-    assert not is_patched(model)
-
-
-def test_allow_unverified_patches_with_a_warning_and_is_exact():
+def test_an_architecture_outside_the_old_list_patches_with_no_flag_and_is_exact():
+    """Phi (partial rotary): support comes from the model's structure, not a list of names. (Before #14:
+    UnsupportedModelError without allow_unverified=True.)"""
     ref = _phi()
     model = copy.deepcopy(ref)
-    with pytest.warns(UserWarning, match="unverified"):
-        assert patch(model, allow_unverified=True) is model
+    assert patch(model) is model
     assert is_patched(model)
     assert_exact(compare_with_alone(ref, model, examples(seed=10), COLLATORS["prefix-packed"]()))
 
 
-def test_allow_unverified_still_needs_the_attention_interface():
+def test_allow_unverified_is_accepted_and_deprecated():
+    model = _phi()
+    with pytest.warns(DeprecationWarning, match="allow_unverified"):
+        assert patch(model, allow_unverified=True) is model
+    assert is_patched(model)
+
+
+def test_attention_outside_the_interface_is_refused_naming_it():
     import transformers
 
-    config = transformers.StableLmConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4
-    )
+    config = transformers.BloomConfig(vocab_size=VOCAB, hidden_size=64, n_layer=2, n_head=4)
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     if getattr(model, "_supports_attention_backend", False):
-        pytest.skip("StableLm routes attention through the attention interface in this transformers")
-    with pytest.raises(UnsupportedModelError, match="AttentionInterface"):
-        patch(model, allow_unverified=True)
+        pytest.skip("Bloom routes attention through the attention interface in this transformers")
+    with pytest.raises(UnsupportedModelError, match="AttentionInterface") as info:
+        patch(model)
+    assert "BloomBlock" in str(info.value)
+    assert not is_patched(model)
 
 
 # ---------------------------------------------------------------------------------------------- bad inputs

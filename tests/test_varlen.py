@@ -67,7 +67,7 @@ def test_varlen_backend_is_exact(architecture, packed):
 def test_flash_attention_kernels_map_to_varlen():
     model = tiny_model("llama")
     set_attn_implementation(model.config, "flash_attention_2")  # as if loaded with flash-attn installed
-    ps.patch(model)
+    ps.patch(model, verify=False)  # (the self-check's runs alone would call flash-attn, which is not installed)
     assert ps.patched_backend(model) == "varlen"
 
 
