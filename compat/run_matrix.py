@@ -870,6 +870,88 @@ def render_markdown(cells: list[Cell], command: str, device: str, seconds: float
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------------------------- breadth report
+BREADTH_STATES = (EXACT, REFUSED, NOT_BUILT, FAIL, ERROR)
+
+
+def _short_reason(result: ArchitectureResult) -> str:
+    """The refusal or failure, without patch's boilerplate, for one table cell."""
+    reason = result.reason
+    for prefix in ("prefixshare cannot make this model exact: ", "prefixshare self-check failed on "):
+        reason = reason.replace(prefix, "")
+    reason = reason.replace(f"prefixshare cannot make {result.model_class} exact: ", "")
+    for cut in (" Such a mixer reads", " The batch's responses would", " The model is left unpatched", " The layout travels"):
+        reason = reason.split(cut)[0]
+    return reason.replace("|", "\\|").replace("\n", " ")
+
+
+def breadth_summary(results: list[ArchitectureResult]) -> dict[str, list[str]]:
+    """``{state: [model types]}`` in :data:`BREADTH_STATES` order."""
+    return {state: [r.model_type for r in results if r.status == state] for state in BREADTH_STATES}
+
+
+def render_breadth_markdown(results: list[ArchitectureResult], seconds: float) -> str:
+    """The breadth section of MATRIX.md: one row per model type of the installed transformers."""
+    summary = breadth_summary(results)
+    exact = [r for r in results if r.status == EXACT]
+    worst_logps = max((r.worst[0] or 0.0 for r in exact), default=0.0)
+    worst_grads = max((r.worst[1] or 0.0 for r in exact), default=0.0)
+    weakest_leak = min((max(r.leak_error, r.leak_grad_error) for r in exact), default=float("nan"))
+    lines = [
+        f"## Every causal LM of transformers {transformers.__version__}",
+        "",
+        f"Every model type in `AutoModelForCausalLM`'s mapping ({len(results)}), built tiny from its config class "
+        "alone (`prefixshare.tiny.tiny_model_of`: the class's defaults with every size field shrunk to 2 layers "
+        "or as many as it takes to hold each kind of layer of the default pattern, hidden 64, vocabulary 96, "
+        "weights of std 0.1; sliding windows of 8 tokens where the class has them), then "
+        "`prefixshare.patch(model, backend=...)` with no opt-in. An architecture is **exact** when every cell "
+        "passes: eager and sdpa (each where patch accepts it), K=2 and K=4 responses, unpacked and packed, full "
+        "fine-tuning and (dense models) LoRA on every linear layer, log-probs and gradients within "
+        f"`{_tol(TOLERANCE['float32'][0])}` of every prompt+response run alone through the unpatched model "
+        "(eager), and when a deliberately leaky rule (a response seeing the one before it) moves its log-probs "
+        f"or gradients by at least `{LEAK_VISIBLE:g}`. **refused**: patch raised, and its reason is shown. "
+        "**not built**: the config class cannot make a tiny model from its defaults (or the tiny model's own "
+        f"forward fails). {seconds:.0f} s.",
+        "",
+        "Gradient error: the whole gradient (every trainable parameter) as one vector, `max|g - w| / max|w|`; "
+        "a parameter missing a gradient or with an extra one fails on its own. (A per-parameter measure divides "
+        "float32 rounding by nothing on some of these models: a key projection's bias has a true gradient of "
+        "zero.)",
+        "",
+        "**" + ", ".join(f"{len(v)} {k}" for k, v in summary.items() if v) + f"** of {len(results)} model types. "
+        f"Exact ones: worst log-prob error {_fmt(worst_logps)}, worst gradient error {_fmt(worst_grads)}; the "
+        f"leaky rule moves every one of them by at least {weakest_leak:.0e}.",
+    ]
+    if summary[FAIL] or summary[ERROR]:
+        lines += ["", "**Failures:** " + ", ".join(summary[FAIL] + summary[ERROR])]
+    lines += [
+        "",
+        "| model type | class | result | MoE | attention features | worst log-prob / gradient error | leak | reason |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(results, key=lambda r: (BREADTH_STATES.index(r.status) if r.status in BREADTH_STATES else 9, r.model_type)):
+        errors = f"{_fmt(r.worst[0])} / {_fmt(r.worst[1])}" if r.cells else ""
+        leak = f"{max(r.leak_error, r.leak_grad_error):.0e}" if r.leak_error is not None else ""
+        features = ", ".join(r.features)
+        refusals = "; ".join(f"{b}: refused ({m.split(', which')[0].split(' uses ')[-1]})" for b, m in r.refusals.items())
+        reason = "; ".join(filter(None, [_short_reason(r) if r.status != EXACT else "", refusals]))
+        status = r.status if r.status not in (FAIL, ERROR) else f"**{r.status.upper()}**"
+        lines.append(
+            f"| {r.model_type} | {r.model_class} | {status} | {'yes' if r.moe else ''} | {features} | {errors} | "
+            f"{leak} | {reason} |"
+        )
+    return "\n".join(lines)
+
+
+def readme_support_summary(results: list[ArchitectureResult]) -> str:
+    """The README's support paragraph: the count and the list of exact model types, and the refused kinds."""
+    summary = breadth_summary(results)
+    return (
+        f"{len(summary[EXACT])} of the {len(results)} causal-LM model types of transformers {transformers.__version__} "
+        f"are exact: {', '.join(summary[EXACT])}."
+    )
+
+
 # ---------------------------------------------------------------------------------------------- CLI
 def _choices(values, allowed, what):
     if not values:
@@ -893,6 +975,12 @@ def main(argv=None) -> int:
     parser.add_argument("--packing", action="append", help=f"packings ({', '.join(PACKINGS)})")
     parser.add_argument("--dtype", action="append", help=f"dtypes ({', '.join(DTYPES)})")
     parser.add_argument("--quick", action="store_true", help="a representative subset: " + str(QUICK))
+    parser.add_argument(
+        "--breadth", action="store_true",
+        help="also check every causal-LM model type of the installed transformers (the breadth section)",
+    )
+    parser.add_argument("--breadth-only", action="store_true", help="only the breadth section")
+    parser.add_argument("--model-type", action="append", help="breadth: these model types only (comma separated)")
     parser.add_argument("--device", default=default_device(), help="cpu or cuda[:n] (default: %(default)s)")
     parser.add_argument("--examples", type=int, default=3, help="examples per batch (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
@@ -914,19 +1002,34 @@ def main(argv=None) -> int:
 
     start = time.perf_counter()
     print(f"prefixshare compatibility matrix on {args.device}", file=sys.stderr)
-    cells = run_matrix(
+    log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    cells = [] if args.breadth_only else run_matrix(
         architectures,
         _choices(args.backend, BACKENDS, "backend"),
         _choices(args.adapter, ADAPTERS, "adapter"),
         packings,
         _choices(args.dtype, DTYPES, "dtype"),
         settings,
-        log=lambda line: print(line, file=sys.stderr, flush=True),
+        log=log,
     )
     seconds = time.perf_counter() - start
+    breadth, breadth_seconds = [], 0.0
+    if args.breadth or args.breadth_only:
+        model_types = [t.strip() for v in args.model_type or [] for t in v.split(",") if t.strip()] or None
+        breadth_start = time.perf_counter()
+        breadth = run_enumeration(model_types, Settings(device=args.device, seed=args.seed), log=log)
+        breadth_seconds = time.perf_counter() - breadth_start
 
     command = " ".join(["python", "compat/run_matrix.py", *(argv if argv is not None else sys.argv[1:])])
-    markdown = render_markdown(cells, command, args.device, seconds, make_examples(settings), packings)
+    parts = []
+    if cells:
+        parts.append(render_markdown(cells, command, args.device, seconds, make_examples(settings), packings))
+    else:
+        parts.append(f"# Compatibility matrix\n\nProduced by `{command}` on {describe_machine(args.device)}; "
+                     + ", ".join(f"{k} {val}" for k, val in versions().items()) + ".")
+    if breadth:
+        parts.append(render_breadth_markdown(breadth, breadth_seconds))
+    markdown = "\n\n".join(parts)
     if args.out:
         Path(args.out).write_text(markdown + "\n")
         print(f"wrote {args.out}", file=sys.stderr)
@@ -940,10 +1043,12 @@ def main(argv=None) -> int:
             tolerance=TOLERANCE,
             seconds=seconds,
             cells=[asdict(c) for c in cells],
+            breadth=[asdict(r) for r in breadth],
         )
         Path(args.json).write_text(json.dumps(payload, indent=1) + "\n")
-    failed = [c for c in cells if c.state in (FAIL, ERROR)]
-    print(f"{len(cells)} cells in {seconds:.0f} s; {len(failed)} failed", file=sys.stderr)
+    failed = [c for c in cells if c.state in (FAIL, ERROR)] + [r for r in breadth if r.status in (FAIL, ERROR)]
+    print(f"{len(cells)} cells, {len(breadth)} model types in {time.perf_counter() - start:.0f} s; {len(failed)} failed",
+          file=sys.stderr)
     return 1 if failed else 0
 
 

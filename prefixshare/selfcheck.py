@@ -105,6 +105,29 @@ def _relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
     return float((value - reference).abs().max() / scale)
 
 
+def _refuse_position_handling(model, device, error: float) -> None:
+    """Raise a SelfCheckError naming the cause if the model does not take its positions from ``position_ids``
+    numbered 0, 1, 2, ... (what the collators give); return if its positions look right."""
+    ids = torch.arange(3, 9, device=device)[None]
+    with torch.no_grad():
+        given = model(input_ids=ids, position_ids=torch.arange(6, device=device)[None], use_cache=False).logits
+        moved = model(input_ids=ids, position_ids=torch.tensor([[0, 1, 2, 2, 3, 4]], device=device), use_cache=False).logits
+        own = model(input_ids=ids, use_cache=False).logits
+    name = type(model).__name__
+    if torch.equal(given, moved):
+        why = ("its forward ignores the position_ids it is given (it numbers positions by the token's index in the "
+               "row), so a response cannot restart at the prompt's length")  # fmt: skip
+    elif not torch.allclose(given, own, rtol=1e-4, atol=1e-5):
+        why = ("its own positions are not numbered 0, 1, 2, ... (the position_ids prefix sharing gives; RoBERTa-style "
+               "embeddings start after the padding index)")  # fmt: skip
+    else:
+        return
+    raise SelfCheckError(
+        f"prefixshare cannot make {name} exact: {why}; the prefix-shared log-probs differ by {error:.3g}. "
+        "The model is left unpatched."
+    )
+
+
 def _checked_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
     """The trainable parameters of the first attention layer, and those held directly by any attention module."""
     attention = text_attention_modules(model)
@@ -160,6 +183,8 @@ def self_check(model, *, seed: int = 0) -> dict[str, float]:
                 shared = _per_token_logps(inner(**batch).logits, batch.layout, batch["input_ids"])
             error = _relative_error(shared, alone)
             errors["logps" if rows is None else "logps_packed"] = error
+            if not error <= tolerance:
+                _refuse_position_handling(inner, device, error)
             if not error <= tolerance:  # (NaN fails too)
                 raise SelfCheckError(
                     f"prefixshare self-check failed on {type(inner).__name__} ({dtype}): the prefix-shared "

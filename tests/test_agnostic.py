@@ -187,7 +187,7 @@ def test_a_window_that_lives_only_in_the_models_mask_is_applied():
         ("doge", r"DogeAttention passes an attention mask of its own"),
         ("qwen3_next", r"decoder layers .*Qwen3NextDecoderLayer.*Qwen3NextGatedDeltaNet \(a state-space"),
         ("stablelm", r"layout was applied in 0 of the 2 attention layers.*do not pass their keyword arguments"),
-        ("bart", r"positions taken from something other than the position_ids"),
+        ("bart", r"BartForCausalLM exact: its forward ignores the position_ids it is given"),
     ],
 )
 def test_refusals_name_the_layer_and_the_feature(model_type, match):
