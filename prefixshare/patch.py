@@ -379,7 +379,33 @@ def _check_forward_kwargs(module, kwargs, layout) -> None:
             raise ValueError(f"prefixshare: {key} of shape {tuple(value.shape)} does not match the layout {layout.shape}")
     if kwargs.get("position_ids") is None:
         raise ValueError("prefixshare: pass the batch's position_ids (model(**batch) does)")
+    _refuse_multimodal_inputs(module, kwargs)
     _check_vocabulary(module, kwargs.get("input_ids"), layout)
+
+
+# inputs of a vision or audio tower: their tokens sit in the prompt, computed by rules of their own
+_MULTIMODAL_INPUTS = ("image_grid_thw", "video_grid_thw", "input_features", "image_sizes", "input_values", "audio_values")
+
+
+def _refuse_multimodal_inputs(module, kwargs) -> None:
+    """Refuse images, videos or audio in a prefix-shared forward.
+
+    Their tokens do not follow the layout's rule: Gemma 3's image tokens attend to each other in both directions
+    (its own mask), Qwen2-VL-style models give them 3D multimodal rotary positions (t, h, w) and number the text
+    after them from the largest, so that a response would have to restart at the prompt's position triple, not
+    at its length. The layout applies neither, so the numbers would be wrong: refused. (Text-only batches through
+    these models are exact; images go through the paired format, unpatched.)
+    """
+    given = [k for k, v in kwargs.items() if v is not None and (k.startswith("pixel_values") or k in _MULTIMODAL_INPUTS)]
+    if given:
+        raise UnsupportedModelError(
+            f"prefixshare: a prefix-shared batch for {type(unwrap_model(module)).__name__} carries {', '.join(given)}: "
+            "images, videos and audio are not supported in prefix-shared batches. Their tokens follow rules of their "
+            "own that the layout does not apply (Gemma 3's image tokens attend to each other both ways; Qwen2-VL-style "
+            "models give them 3D rotary positions, so a response would restart at the prompt's position triple, not "
+            "at its length). Train such examples in the paired format (PairedCollator without packing, through the "
+            "unpatched forward), or keep the batches text-only."
+        )
 
 
 def _check_vocabulary(module, input_ids, layout) -> None:

@@ -108,6 +108,23 @@ def gradient_error(grads: dict, reference: dict, *, floor: float = 0.0) -> tuple
     return worst, name
 
 
+def align_gradients(grads: dict, reference: dict) -> tuple[dict, dict, list[str]]:
+    """Both gradient dicts over the same parameters, and the names that got a non-zero gradient on one side only.
+
+    A parameter no token reached has no gradient at all (None): a mixture-of-experts expert that no token of the
+    runs alone chose, but a padding token of the batch did (its gradient is then exactly zero). Such a gradient
+    counts as the zero it is; a non-zero gradient on one side only is a real difference.
+    """
+    grads, reference = dict(grads), dict(reference)
+    one_sided = []
+    for name in sorted(grads.keys() ^ reference.keys()):
+        present = grads.get(name, reference.get(name))
+        if bool((present != 0).any()):
+            one_sided.append(name)
+        (reference if name in grads else grads)[name] = torch.zeros_like(present)
+    return grads, reference, one_sided
+
+
 def _loss_weights(shape, seed: int = 1234) -> torch.Tensor:
     # fixed random weights, so that gradients of chosen and rejected terms cannot cancel out by symmetry
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
@@ -152,9 +169,9 @@ def compare_with_alone(
         weights = _loss_weights(want.shape).to(want.device)
         (want * weights).sum().backward()
         (got * weights).sum().backward()
-        ref_grads, grads = _trainable_grads(reference_model), _trainable_grads(patched_model)
-        if ref_grads.keys() != grads.keys():
-            raise AssertionError(f"different parameters received gradients: {sorted(ref_grads.keys() ^ grads.keys())}")
+        grads, ref_grads, one_sided = align_gradients(_trainable_grads(patched_model), _trainable_grads(reference_model))
+        if one_sided:
+            raise AssertionError(f"different parameters received gradients: {one_sided}")
         num_parameters = len(ref_grads)
         grad_error, worst = gradient_error(grads, ref_grads, floor=gradient_floor)
     return Comparison(relative_error(got, want), grad_error, worst, num_parameters)

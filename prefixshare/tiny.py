@@ -113,6 +113,16 @@ TINY_FIXES = {
     # per-layer input embeddings of their own vocabulary
     **dict.fromkeys(("gemma4_unified", "gemma4_unified_text", "gemma4_unified_assistant"), dict(global_head_dim=32)),
     "gemma4_text": dict(global_head_dim=32, vocab_size_per_layer_input=96, hidden_size_per_layer_input=8),
+    # LongCat-Flash's rotary embedding takes head_dim, which must then be its qk_rope_head_dim
+    "longcat_flash": dict(head_dim=8),
+    # validation: GPT-Neo's attention pattern must list every layer; ZAYA routes to one expert
+    "gpt_neo": dict(attention_types=[[["global", "local"], 1]], window_size=8),
+    "zaya": dict(num_experts_per_tok=1),
+    # DBRX keeps its attention and MoE sizes in sub-dicts; its default clip_qkv (None) fails in its own forward
+    "dbrx": dict(
+        attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0),
+        ffn_config=dict(ffn_hidden_size=32, moe_num_experts=4, moe_top_k=2),
+    ),
 }
 
 # a tiny model has well under a million parameters; a config whose defaults this shrinking misses (a vision or
@@ -145,10 +155,11 @@ def tiny_config_of(model_type: str, **overrides):
     config_class = CONFIG_MAPPING[model_type]
     extra = {**TINY_FIXES.get(model_type, {}), **overrides}
     kwargs = _shrunk(config_class, TINY_TEXT_FIELDS, extra)
-    if "kv_lora_rank" in kwargs:
-        kwargs.setdefault("num_key_value_heads", kwargs.get("num_attention_heads"))
-        if kwargs["num_key_value_heads"] == TINY_TEXT_FIELDS["num_key_value_heads"] and "num_key_value_heads" not in extra:
+    if "kv_lora_rank" in kwargs:  # MLA: keys and values for every query head, RoPE on qk_rope_head_dim features
+        if "num_key_value_heads" not in extra and "num_attention_heads" in kwargs:
             kwargs["num_key_value_heads"] = kwargs["num_attention_heads"]
+        if "head_dim" not in extra:
+            kwargs.pop("head_dim", None)
     sub_configs = getattr(config_class, "sub_configs", None) or {}
     if sub_configs:
         defaults = config_class()
