@@ -30,9 +30,17 @@ __all__ = [
     "get_attn_implementation",
     "model_eager_attention",
     "register_attention",
+    "rope_config_kwargs",
     "set_attn_implementation",
     "text_config",
 ]
+
+
+def rope_config_kwargs(rope_type: str = "default", rope_theta: float = 10000.0, **values) -> dict:
+    """Config keywords for a RoPE setting: 5.x takes ``rope_parameters``; 4.57 ``rope_scaling`` and ``rope_theta``."""
+    if IS_TRANSFORMERS_5:
+        return {"rope_parameters": {"rope_type": rope_type, "rope_theta": rope_theta, **values}}
+    return {"rope_scaling": {"type": rope_type, "rope_type": rope_type, **values}, "rope_theta": rope_theta}
 
 
 def text_config(config):

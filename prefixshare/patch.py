@@ -474,12 +474,26 @@ def _refuse_unsupported_structure(inner) -> None:
     name = type(inner).__name__
     problems = token_mixing_problems(inner)
     if problems:
+        mixers = any(" mix" in line for line in problems)
         raise UnsupportedModelError(
             f"prefixshare cannot make {name} exact: its "
             + "; ".join(problems)
-            + ". Such a mixer reads the tokens physically before it, so in [prompt | response 1 | response 2] "
-            "the second response would read the first, whatever the attention mask says. Only decoders whose "
-            "tokens mix through attention alone can be patched."
+            + (
+                ". Such a mixer reads the tokens physically before it, so in [prompt | response 1 | response 2] the "
+                "second response would read the first, whatever the attention mask says."
+                if mixers
+                else ". Attention computed outside the interface never sees the batch's layout, so in [prompt | "
+                "response 1 | response 2] the second response would attend to the first."
+            )
+            + " Only decoders whose tokens mix through attention alone, through the interface, can be patched."
+        )
+    import inspect
+
+    parameters = inspect.signature(inner.forward).parameters
+    if "position_ids" not in parameters and not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+        raise UnsupportedModelError(
+            f"prefixshare cannot make {name} exact: its forward takes no position_ids, so a response cannot restart "
+            "at the prompt's length"
         )
     if not text_attention_modules(inner):
         raise UnsupportedModelError(

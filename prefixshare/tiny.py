@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ._compat import DTYPE_KWARG
+from ._compat import DTYPE_KWARG, rope_config_kwargs
 
 ARCHITECTURE_NAMES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3")
 
@@ -118,6 +118,11 @@ TINY_FIXES = {
     # validation: GPT-Neo's attention pattern must list every layer; ZAYA routes to one expert
     "gpt_neo": dict(attention_types=[[["global", "local"], 1]], window_size=8),
     "zaya": dict(num_experts_per_tok=1),
+    # Qwen2-VL-style multimodal rotary: the sections of the 3D positions (t, h, w) fill half of the head dim (16)
+    **dict.fromkeys(
+        ("qwen2_vl_text", "qwen2_5_vl_text", "qwen3_vl_text", "qwen3_vl_moe_text"),
+        rope_config_kwargs(mrope_section=[2, 3, 3]),
+    ),
     # DBRX keeps its attention and MoE sizes in sub-dicts; its default clip_qkv (None) fails in its own forward
     "dbrx": dict(
         attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0),
@@ -168,7 +173,8 @@ def tiny_config_of(model_type: str, **overrides):
             if sub is None or name in extra or not hasattr(sub, "to_dict"):
                 continue
             table = TINY_TEXT_FIELDS if name == "text_config" else TINY_VISION_FIELDS
-            kwargs[name] = type(sub)(**_shrunk(type(sub), table, TINY_FIXES.get(getattr(sub, "model_type", None), {})))
+            shrunk = type(sub)(**_shrunk(type(sub), table, TINY_FIXES.get(getattr(sub, "model_type", None), {})))
+            kwargs[name] = shrunk.to_dict()  # (4.57's composite configs take dicts, not config objects)
     config = _with_every_layer_kind(config_class, kwargs, config_class(**kwargs), extra)
     text = _text(config)
     types = getattr(text, "layer_types", None)

@@ -23,7 +23,7 @@ import torch
 import prefixshare
 from prefixshare import PrefixShareCollator, SelfCheckError, UnsupportedModelError, is_patched, patch
 from prefixshare.backends import BACKENDS
-from prefixshare.structure import attention_features
+from prefixshare.structure import attention_features, text_attention_modules
 from prefixshare.testing import compare_with_alone, random_examples
 from prefixshare.tiny import tiny_model_of
 
@@ -39,10 +39,15 @@ def _installed(model_type: str) -> bool:
     return model_type in CONFIG_MAPPING_NAMES and model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 
-def build(model_type: str, attn_implementation: str = "eager", **overrides):
+def build(model_type: str, attn_implementation: str = "eager", *, interface: bool = True, **overrides):
+    """The tiny model; skipped if this transformers lacks it, or (``interface``) computes its attention outside
+    the AttentionInterface (4.57's Qwen2-MoE, PhiMoE, StableLM, BERT: refused for that, tests elsewhere)."""
     if not _installed(model_type):
         pytest.skip(f"transformers has no {model_type} here")
-    return tiny_model_of(model_type, attn_implementation=attn_implementation, **overrides)
+    model = tiny_model_of(model_type, attn_implementation=attn_implementation, **overrides)
+    if interface and not text_attention_modules(model):
+        pytest.skip(f"{model_type}'s attention does not go through the AttentionInterface in this transformers")
+    return model
 
 
 def exact(reference, patched, *, num_responses=2, packed=True, seed=0, gradient_floor=0.0):
@@ -187,11 +192,12 @@ def test_a_window_that_lives_only_in_the_models_mask_is_applied():
         ("doge", r"DogeAttention passes an attention mask of its own"),
         ("qwen3_next", r"decoder layers .*Qwen3NextDecoderLayer.*Qwen3NextGatedDeltaNet \(a state-space"),
         ("stablelm", r"layout was applied in 0 of the 2 attention layers.*do not pass their keyword arguments"),
-        ("bart", r"BartForCausalLM exact: its forward ignores the position_ids it is given"),
+        # (4.57's Bart takes no position_ids at all)
+        ("bart", r"BartForCausalLM exact: its forward (ignores the position_ids it is given|takes no position_ids)"),
     ],
 )
 def test_refusals_name_the_layer_and_the_feature(model_type, match):
-    model = build(model_type)
+    model = build(model_type, interface=model_type not in ("qwen3_next",))
     with pytest.raises(UnsupportedModelError, match=match):
         patch(model)
     assert not is_patched(model)
@@ -224,7 +230,39 @@ def test_an_attention_keyword_the_kernels_do_not_apply_is_refused():
 def test_cross_attention_of_encoder_decoder_decoders_is_not_counted():
     """BartForCausalLM's encoder_attn modules never run without encoder states; the layout must reach the
     decoder's self-attention only (before: "applied in 2 of the 4 attention layers")."""
-    from prefixshare.structure import text_attention_modules
-
     model = build("bart")
     assert len(text_attention_modules(model)) == 2
+
+
+# ---------------------------------------------------------------------------------------------- multimodal
+def _vision_language(model_type: str):
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    if model_type not in CONFIG_MAPPING_NAMES:
+        pytest.skip(f"transformers has no {model_type} here")
+    from prefixshare.tiny import tiny_config_of
+
+    model_class = getattr(transformers, MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES[model_type])
+    torch.manual_seed(0)
+    return model_class._from_config(tiny_config_of(model_type), attn_implementation="eager").eval()
+
+
+@pytest.mark.parametrize("model_type", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_multimodal_rotary_decoders_are_exact_on_text(model_type):
+    """Qwen2-VL-style models take 3D (t, h, w) rotary positions; for text the three are equal, and the batch's 1D
+    positions (each response restarting at the prompt's length) are exactly what the model computes alone."""
+    reference = _vision_language(model_type)
+    model = patch(copy.deepcopy(reference))
+    exact(reference, model, seed=5, gradient_floor=1.0)
+
+
+@pytest.mark.parametrize("model_type", ["qwen2_5_vl", "gemma3"])
+def test_images_in_a_prefix_shared_batch_are_refused(model_type):
+    """Image tokens follow rules the layout does not apply (Qwen's 3D positions, Gemma 3's bidirectional image
+    blocks): a prefix-shared batch with pixel_values is refused before the forward runs."""
+    model = patch(_vision_language(model_type))
+    batch = PrefixShareCollator(0)(random_examples(2, 90, seed=6))
+    with pytest.raises(UnsupportedModelError, match="carries pixel_values.*images, videos and audio are not supported"):
+        model(**batch, pixel_values=torch.zeros(4, 8))
