@@ -589,6 +589,12 @@ def _enum_lora(model, settings: Settings):
     return get_peft_model(model, config)
 
 
+def _describe(error: BaseException) -> str:
+    """``Type: first line of the message`` (the message may be empty: StopIteration)."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:300]}" if lines else type(error).__name__
+
+
 def check_architecture(model_type: str, settings: Settings, *, lora: bool = True, backends=ENUM_BACKENDS) -> ArchitectureResult:
     """The breadth-matrix row of one model type: exact, refused (patch's reason), not built (why), or FAIL/ERROR."""
     from prefixshare.structure import attention_features
@@ -601,7 +607,7 @@ def check_architecture(model_type: str, settings: Settings, *, lora: bool = True
             warnings.simplefilter("ignore")
             base = tiny_model_of(model_type, seed=settings.seed).to(settings.device)
     except Exception as error:  # noqa: BLE001 - a config class that cannot be built from its defaults
-        result.status, result.reason = NOT_BUILT, f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
+        result.status, result.reason = NOT_BUILT, _describe(error)
         result.seconds = time.perf_counter() - start
         return result
     result.model_class = type(base).__name__
@@ -612,7 +618,7 @@ def check_architecture(model_type: str, settings: Settings, *, lora: bool = True
             base(input_ids=torch.tensor([[3, vocabulary - 1, 4, vocabulary - 2]], device=settings.device), use_cache=False)
     except Exception as error:  # noqa: BLE001
         result.status = NOT_BUILT
-        result.reason = f"the tiny model's own forward fails: {type(error).__name__}: {str(error).splitlines()[0][:300]}"
+        result.reason = f"the tiny model's own forward fails: {_describe(error)}"
         result.seconds = time.perf_counter() - start
         return result
     try:

@@ -233,11 +233,21 @@ def _available(model_type):
     return model_type in causal_lm_model_types()
 
 
+# what transformers 4.57 implements otherwise: GPT-2's blocks do not pass their keyword arguments on to attention,
+# Qwen2-MoE's attention does not go through the AttentionInterface (both refused there, with that reason)
+REFUSED_IN_4 = {"gpt2": "do not pass their keyword arguments", "qwen2_moe": "AttentionInterface"}
+
+
 @pytest.mark.parametrize("model_type", list(BREADTH_FAST))
 def test_breadth_representatives(model_type):
+    from prefixshare._compat import IS_TRANSFORMERS_5
+
     if not _available(model_type):
         pytest.skip(f"transformers has no {model_type} here")
     result = rm.check_architecture(model_type, rm.Settings(device="cpu"))
+    if not IS_TRANSFORMERS_5 and model_type in REFUSED_IN_4:
+        assert result.status == rm.REFUSED and REFUSED_IN_4[model_type] in result.reason, result
+        return
     assert result.status == BREADTH_FAST[model_type], (result.status, result.reason)
     if result.status == rm.EXACT:
         assert result.cells and max(result.leak_error, result.leak_grad_error) >= rm.LEAK_VISIBLE
@@ -284,6 +294,7 @@ def test_default_initialization_can_hide_a_leak():
 
 
 @pytest.mark.slow
+@pytest.mark.breadth
 def test_every_causal_lm_of_this_transformers_is_exact_or_refused_with_a_reason():
     """The whole breadth matrix (about 3 minutes on 2 CPU cores): no architecture is accepted with wrong numbers,
     every refusal has a reason, every exact one can show a leak."""
