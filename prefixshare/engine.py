@@ -53,13 +53,15 @@ from .structure import unwrap_model as _unwrap
 
 __all__ = ["STATS", "LogitProcessing", "ResponseLogps", "logit_processing", "response_logps"]
 
-STATS = ("entropy", "logsumexp", "argmax_match", "mean_logit")
+STATS = ("entropy", "logsumexp", "argmax_match", "mean_logit", "log_sum_sq_probs")
 """Per-token statistics :func:`response_logps` can compute in its chunk pass (float32, no gradient):
 
 * ``entropy``: ``-sum_v p_v log p_v`` of the token's predictive distribution;
 * ``logsumexp``: ``log sum_v exp(z_v)`` of the (processed, float32) logits ``z``;
 * ``argmax_match``: 1.0 where the first maximal logit is the target token, else 0.0;
-* ``mean_logit``: the mean of ``z`` over the vocabulary.
+* ``mean_logit``: the mean of ``z`` over the vocabulary;
+* ``log_sum_sq_probs``: ``log sum_v p_v^2`` (the log-probability that two samples of the token's
+  distribution agree; WPO's weights divide each token's probability by it).
 """
 
 DEFAULT_BLOCK_ELEMENTS = 2**25
@@ -429,6 +431,8 @@ class _LogSoftmaxGather(torch.autograd.Function):
                     sink.write("logsumexp", at, z.amax(-1) - log_p.amax(-1))
                 if "mean_logit" in sink.values:
                     sink.write("mean_logit", at, z.mean(-1))
+                if "log_sum_sq_probs" in sink.values:  # log sum_v p_v^2 = logsumexp(2 log p)
+                    sink.write("log_sum_sq_probs", at, torch.logsumexp(2.0 * log_p, dim=-1))
                 if "argmax_match" in sink.values:
                     # argmax: the first maximum, as TRL counts. argmax takes a nan for the maximum, while TRL's
                     # comparisons with a nan are false: a nan target logit is a miss, as there

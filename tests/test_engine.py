@@ -163,6 +163,7 @@ def full_logit_stats(model, batch):
         "logsumexp": torch.logsumexp(z, -1),
         "argmax_match": (z.argmax(-1) == targets).float(),
         "mean_logit": z.mean(-1),
+        "log_sum_sq_probs": torch.log((log_p.exp() ** 2).sum(-1)),
     }
 
 
