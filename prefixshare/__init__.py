@@ -14,6 +14,7 @@ from .losses import LOSSES, REFERENCE_FREE, preference_loss
 from .packing import first_fit_decreasing
 from .patch import LayoutNotAppliedError, is_patched, patch, patched_backend, unpatch
 from .selfcheck import SelfCheckError
+from .rewards import RewardCollator, response_rewards
 from .reference import WithReferenceLogps, precompute_reference_logps, reference_logps, with_reference_logps
 from .sampler import TokenBudgetBatchSampler
 from .tokenization import tokenize_preference
@@ -51,6 +52,8 @@ __all__ = [
     "preference_step",
     "reference_logps",
     "response_logps",
+    "response_rewards",
+    "RewardCollator",
     "split_logps",
     "tokenize_preference",
     "with_reference_logps",

@@ -646,3 +646,6 @@ class PrefixShareDPOTrainer(DPOTrainer):
         metrics["logps/chosen"].append(gather(chosen_logps).mean().item())
         metrics["logps/rejected"].append(gather(rejected_logps).mean().item())
 
+
+# trl.RewardTrainer's drop-in lives in its own module; importable from here like the DPO trainer
+from .trl_reward import PrefixShareRewardCollator, PrefixShareRewardTrainer  # noqa: E402
