@@ -37,12 +37,15 @@ def _bench(args) -> int:
         profiles, backends=backends, shape=shape, dtype=dtype, device=device, lora=args.lora,
         gradient_checkpointing=args.gradient_checkpointing,
         examples_per_step=args.examples_per_step, steps=args.steps, budget=args.budget,
+        reward_model=args.reward_model,
     )
     table = bench.format_table(result)
     print(table)
     if args.out_dir:
         os.makedirs(args.out_dir, exist_ok=True)
-        name = args.name or f"bench-{result.device.split(':')[0]}-{shape}{'-lora' if args.lora else ''}"
+        name = args.name or (
+            f"bench-{result.device.split(':')[0]}-{shape}{'-rm' if args.reward_model else ''}{'-lora' if args.lora else ''}"
+        )
         stem = os.path.join(args.out_dir, name)
         bench.save(result, stem + ".json", stem + ".png")
         with open(stem + ".md", "w") as f:
@@ -129,6 +132,8 @@ def main(argv=None) -> int:
     b.add_argument("--dtype", choices=["float32", "bfloat16"])
     b.add_argument("--device")
     b.add_argument("--lora", action="store_true", help="train LoRA adapters (r=16 on attention projections)")
+    b.add_argument("--reward-model", action="store_true",
+                   help="a sequence-classification reward model (score head, TRL's RewardTrainer) instead of a causal LM")
     b.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute each layer in backward (what an 8b model needs to fit one GPU)")
     b.add_argument("--examples-per-step", type=int, default=8)
@@ -136,7 +141,7 @@ def main(argv=None) -> int:
     b.add_argument("--length-scale", type=float, default=1.0, help="scale the synthetic profiles' lengths (e.g. 0.25 on CPU)")
     b.add_argument("--budget", type=int, help="max_tokens_per_row of the packed formats")
     b.add_argument("--out-dir", help="write JSON, PNG and a markdown table here")
-    b.add_argument("--name", help="file name stem in --out-dir (default: bench-DEVICE-SHAPE[-lora], memory-DEVICE)")
+    b.add_argument("--name", help="file name stem in --out-dir (default: bench-DEVICE-SHAPE[-rm][-lora], memory-DEVICE)")
     m = b.add_argument_group(
         "memory mode", "--memory: peak memory of the log-prob stage (hidden states -> log-probs, forward+backward) "
         "for paired-native, shared [T,V] and shared fused, each cell in its own process"

@@ -81,6 +81,17 @@ def test_bench_runs_side_by_side(tmp_path, capsys):
     assert (tmp_path / "bench-cpu-tiny.png").stat().st_size > 0
 
 
+def test_bench_reward_model_format(tmp_path, capsys):
+    """--reward-model: a sequence-classification model, every format; fails on main (no such option)."""
+    cli.main([
+        "bench", "--reward-model", "--profiles", "hh-rlhf", "--backends", "sdpa", "--examples-per-step", "2",
+        "--steps", "1", "--length-scale", "0.1", "--out-dir", str(tmp_path),
+    ])
+    assert "model tiny reward model" in capsys.readouterr().out
+    data = json.loads((tmp_path / "bench-cpu-tiny-rm.json").read_text())
+    assert data["reward_model"] and {m["format"] for m in data["measurements"]} == set(bench.FORMATS)
+
+
 def toy_data(folder, n):
     """(tokenizer directory, jsonl file of the first ``n`` shipped toy pairs), both written under ``folder``."""
     from prefixshare.data import load_toy_preferences, toy_tokenizer
