@@ -231,6 +231,8 @@ OPTION_CASES = {
     "sync_ref_model": dict(sync_ref_model=True, ref_model_sync_steps=1, ref_model_mixup_alpha=0.6),
     # MoE coefficient on a dense model: 0.0 is accepted by TRL (and here) and changes nothing
     "router_aux_loss_coef 0": dict(router_aux_loss_coef=0.0),
+    # rows padded to a multiple, completions truncated (keep_start), the deprecated pad_token (EOS as padding)
+    "pad_to_multiple_of, max_length, pad_token": dict(pad_to_multiple_of=16, max_length=84, pad_token="<eos>"),
 }
 
 
@@ -280,7 +282,7 @@ def test_precomputed_reference_matches_trl(tokenizer, tmp_path, monkeypatch, ld_
         return original(self, model, inputs)
 
     monkeypatch.setattr(PrefixShareDPOTrainer, "compute_ref_log_probs", spy)
-    options = dict(reference=None, precompute_ref_log_probs=True, ld_alpha=ld_alpha)
+    options = dict(reference=None, precompute_ref_log_probs=True, ld_alpha=ld_alpha, precompute_ref_batch_size=3)
     theirs, _, their_trainer = train(DPOTrainer, tokenizer, tmp_path, **options)
     ours, _, trainer = train(PrefixShareDPOTrainer, tokenizer, tmp_path, **options)
     assert calls, "the reference log-probs were not computed by PrefixShareDPOTrainer"

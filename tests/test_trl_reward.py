@@ -165,9 +165,13 @@ def conversational(rows):
 
 
 CASES = {
-    "explicit prompt, margin, centering": dict(rows=explicit_prompt(ROWS), center_rewards_coefficient=0.01),
-    "implicit prompt": dict(rows=implicit_prompt(ROWS)),
-    "conversational": dict(rows=conversational(ROWS), chat=True),
+    # and another EOS token (appended to every sequence: the model reads its score there)
+    "explicit prompt, margin, centering, eos_token": dict(
+        rows=explicit_prompt(ROWS), center_rewards_coefficient=0.01, eos_token="<unk>"
+    ),
+    # and max_length: the pairs with a sequence longer are dropped (by TRL's _prepare_dataset)
+    "implicit prompt, max_length": dict(rows=implicit_prompt(ROWS), max_length=86, pad_to_multiple_of=8),
+    "conversational, chat_template_path": dict(rows=conversational(ROWS), chat=True),
     "pad token = EOS": dict(rows=ROWS, pad_is_eos=True),
     "packed rows": dict(rows=ROWS, trainer_kwargs={"prefixshare_max_tokens_per_row": 300}),
 }
@@ -182,8 +186,9 @@ def test_reward_trainer_matches_trl(tmp_path, case):
     options = dict(CASES[case])
     rows = options.pop("rows")
     tokenizer = toy_tokenizer()
-    if options.pop("chat", False):
-        tokenizer.chat_template = CHAT_TEMPLATE
+    if options.pop("chat", False):  # the template from a .jinja file (RewardConfig.chat_template_path)
+        (tmp_path / "template.jinja").write_text(CHAT_TEMPLATE)
+        options["chat_template_path"] = str(tmp_path / "template.jinja")
     if options.pop("pad_is_eos", False):
         tokenizer.pad_token = None
     kwargs = options.pop("trainer_kwargs", {})
@@ -196,6 +201,8 @@ def test_reward_trainer_matches_trl(tmp_path, case):
     )
     assert_logs_match(ours, theirs, case)
     assert_same(our_eval, their_eval, "evaluate()", f"reward: {case}, evaluate()")
+    if "max_length" in case:
+        assert 0 < len(trainer.train_dataset) < len(rows)  # some pairs really were dropped
     assert isinstance(trainer.data_collator, PrefixShareRewardCollator) and prefixshare.is_patched(trainer.model)
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
     assert (batch["input_ids"].shape[0] < 4) if kwargs else (batch["input_ids"].shape[0] == 4)  # packed, or a row per pair
