@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from prefixshare import bench, cli
-from prefixshare.stats import dataset_stats, load_preference_file
+from prefixshare.tools import bench, cli
+from prefixshare.tools.stats import dataset_stats, load_preference_file
 
 SHARED = Path(os.environ.get("PREFIXSHARE_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 
@@ -147,7 +147,7 @@ def test_bench_memory_mode(tmp_path, capsys):
     Even at this size the formats separate: the fused engine holds one [64, V] block, the [T, V] path
     all T rows, paired-native every position of both paired rows. Fails on main (no --memory).
     """
-    from prefixshare import bench_memory
+    from prefixshare.tools import bench_memory
 
     cli.main([
         "bench", "--memory", "--vocabs", "8192", "--tokens", "1024", "--hidden-size", "32", "--chunk-size", "64",

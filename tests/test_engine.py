@@ -28,7 +28,7 @@ import prefixshare as ps
 from prefixshare import engine
 from prefixshare.engine import STATS, LogitProcessing, LogitProcessingMismatch, logit_processing
 from prefixshare.testing import logps_alone, random_examples, relative_error
-from prefixshare.tiny import ARCHITECTURE_NAMES, tiny_model
+from prefixshare.testing import ARCHITECTURE_NAMES, tiny_model
 
 VOCAB = 96
 TOL = 1e-5
@@ -231,10 +231,10 @@ def test_token_index_and_padding():
 def _tiny(config_class, **extra):
     import transformers
 
-    from prefixshare.tiny import _COMMON
+    from prefixshare.testing import TINY_SIZES
 
     torch.manual_seed(0)
-    config = config_class(**{**_COMMON, **extra})
+    config = config_class(**{**TINY_SIZES, **extra})
     return transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").train()
 
 
@@ -307,7 +307,7 @@ def test_gemma3_for_conditional_generation_applies_no_final_softcap():
     """Gemma3ForConditionalGeneration's forward ignores a text config's final softcap; so does the engine."""
     import transformers
 
-    from prefixshare.tiny import tiny_config
+    from prefixshare.testing import tiny_config
 
     config = transformers.Gemma3Config(
         text_config=tiny_config("gemma3", final_logit_softcapping=3.0).to_dict(),

@@ -27,10 +27,10 @@ from prefixshare import (
 from prefixshare._compat import enable_gradient_checkpointing, get_attn_implementation
 from prefixshare.logps import gather_response_logps
 from prefixshare.testing import compare_with_alone, logps_alone, random_examples, relative_error
-from prefixshare.tiny import ARCHITECTURE_NAMES, tiny_model
+from prefixshare.testing import ARCHITECTURE_NAMES, tiny_model
 
 TOLERANCE = 1e-5
-VOCAB = 96  # prefixshare.tiny's vocabulary
+VOCAB = 96  # prefixshare.testing.tiny_model vocabulary
 PAD = 0
 N_EXAMPLES = 3
 
@@ -313,7 +313,7 @@ def test_gemma3_multimodal_patches_its_text_decoder_only():
     """Gemma3ForConditionalGeneration: the text decoder is patched and exact, the vision tower keeps its kernel."""
     import transformers
 
-    from prefixshare.tiny import tiny_config
+    from prefixshare.testing import tiny_config
 
     config = transformers.Gemma3Config(
         text_config=tiny_config("gemma3").to_dict(),

@@ -1,6 +1,6 @@
 """PrefixShareDPOTrainer against TRL's own DPOTrainer: same data, seed and optimizer, same per-step numbers.
 
-Each comparison trains a tiny Llama (prefixshare.tiny, no dropout) for 3 optimizer steps of 4 pairs with both
+Each comparison trains a tiny Llama (prefixshare.testing, no dropout) for 3 optimizer steps of 4 pairs with both
 trainers and compares every logged value at every step.
 
 Tolerance: relative 1e-4, absolute 1e-5 (and exact equality for counts: num_tokens, rewards/accuracies,
@@ -37,7 +37,7 @@ from prefixshare import UnsupportedModelError, is_patched  # noqa: E402
 from prefixshare.collators import LAYOUT_KEY  # noqa: E402
 from prefixshare.data import load_toy_preferences, toy_tokenizer  # noqa: E402
 from prefixshare.integrations.trl import PrefixShareDPOCollator, PrefixShareDPOTrainer  # noqa: E402
-from prefixshare.tiny import tiny_model  # noqa: E402
+from prefixshare.testing import tiny_model  # noqa: E402
 
 RTOL, ATOL = 1e-4, 1e-5
 EXACT = {"num_tokens", "rewards/accuracies", "mean_token_accuracy", "step", "epoch", "learning_rate"}

@@ -31,7 +31,7 @@ from prefixshare import (
     split_logps,
 )
 from prefixshare.testing import logps_alone, random_examples, relative_error
-from prefixshare.tiny import tiny_model
+from prefixshare.testing import tiny_model
 
 VOCAB = 96
 PAD = 0

@@ -12,7 +12,7 @@ from prefixshare._compat import set_attn_implementation
 from prefixshare.backends.varlen import _run_kernel, reference_varlen
 from prefixshare.masks import dense_bool_mask
 from prefixshare.testing import compare_with_alone, random_examples
-from prefixshare.tiny import tiny_model
+from prefixshare.testing import tiny_model
 
 
 def mask_from_sequences(layout, window=None):

@@ -21,7 +21,7 @@ from pathlib import Path
 
 TOY_PREFERENCES_PATH = Path(__file__).with_name("toy_preferences.jsonl")
 
-SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")  # ids 0, 1, 2, 3, as in prefixshare.tiny's configs
+SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")  # ids 0, 1, 2, 3, as in prefixshare.testing.tiny_config
 CHARACTERS = "\n" + "".join(chr(c) for c in range(32, 127))  # newline and printable ASCII
 
 __all__ = [
@@ -68,7 +68,7 @@ def toy_tokenizer():
     """A character-level ``PreTrainedTokenizerFast`` for the toy data, built in code (no download).
 
     Vocabulary: ``<pad>`` 0, ``<bos>`` 1, ``<eos>`` 2, ``<unk>`` 3 (the special ids of
-    :func:`prefixshare.tiny.tiny_config`), then newline and the 95 printable ASCII characters: 100 tokens,
+    :func:`prefixshare.testing.tiny_config`), then newline and the 95 printable ASCII characters: 100 tokens,
     so build the model with ``vocab_size=len(tokenizer)``. Encoding adds ``<bos>`` in front
     (``add_special_tokens=True``, the default); decoding joins the characters back.
     """

@@ -14,8 +14,8 @@ import statistics
 import warnings
 from dataclasses import dataclass
 
-from .collators import PairedCollator, PrefixShareCollator
-from .tokenization import tokenize_preference
+from ..collators import PairedCollator, PrefixShareCollator
+from ..tokenization import tokenize_preference
 
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 

@@ -27,13 +27,13 @@ from datetime import datetime, timezone
 
 import torch
 
-from ._machine import describe_machine
-from .backends.varlen import has_cuda_varlen_kernel
-from .collators import PairedCollator, PrefixShareCollator
-from .layout import PAD_SEGMENT
-from .engine import response_logps
-from .logps import gather_response_logps
-from .patch import patch
+from .machine import describe_machine
+from ..backends.varlen import has_cuda_varlen_kernel
+from ..collators import PairedCollator, PrefixShareCollator
+from ..layout import PAD_SEGMENT
+from ..engine import response_logps
+from ..logps import gather_response_logps
+from ..patch import patch
 from .stats import dataset_stats
 
 # name -> (median prompt+completion tokens, median prompt/completion ratio), Table 1 of arXiv 2410.20305
@@ -74,7 +74,7 @@ def synthetic_lengths(profile: str, n: int, seed: int = 0, scale: float = 1.0) -
 
 
 def examples_from_file(path: str, tokenizer, n: int, vocab_size: int) -> list[dict]:
-    """The first ``n`` examples of a preference file (any format of :mod:`prefixshare.stats`), tokenized.
+    """The first ``n`` examples of a preference file (any format of :func:`prefixshare.tools.stats.load_preference_file`), tokenized.
 
     Token ids are folded into the model's vocabulary (``id % vocab_size``): the bench's models have random
     weights, so only the lengths matter, and a tokenizer's vocabulary may be larger than the tiny model's.
@@ -157,7 +157,7 @@ def collators_for(budget: int):
 def build_model(shape: str, backend: str, dtype: torch.dtype, device: str, lora: bool, gradient_checkpointing: bool = False):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from ._compat import DTYPE_KWARG, enable_gradient_checkpointing
+    from .._compat import DTYPE_KWARG, enable_gradient_checkpointing
 
     config = LlamaConfig(**MODEL_SHAPES[shape], max_position_embeddings=16384, pad_token_id=0)
     torch.manual_seed(0)
