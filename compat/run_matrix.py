@@ -57,7 +57,6 @@ except ImportError:  # run from a checkout that is not installed
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     import prefixshare
 
-from prefixshare._compat import DTYPE_KWARG
 from prefixshare.tools.machine import describe_machine
 from prefixshare.collators import PairedCollator, PrefixShareCollator
 from prefixshare.testing import compare_with_alone, random_examples
@@ -263,7 +262,7 @@ def load_4bit(architecture: str, kernel: str, dtype: torch.dtype, settings: Sett
         quantization_config=quantization,
         attn_implementation=kernel,
         device_map={"": settings.device},
-        **{DTYPE_KWARG: dtype},
+        dtype=dtype,
     )
     return keep_bnb_default_path(model).eval()
 

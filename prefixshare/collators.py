@@ -20,10 +20,9 @@ from typing import Any, Sequence
 
 import torch
 
-from .layout import Placement, PrefixShareLayout, UnitSpec
+from .layout import LAYOUT_KEY, Placement, PrefixShareLayout, UnitSpec
 from .packing import first_fit_decreasing
 
-LAYOUT_KEY = "prefixshare_layout"
 
 TRUNCATION_MODES = ("keep_end_of_prompt", "truncate_responses")
 

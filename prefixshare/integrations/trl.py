@@ -58,11 +58,13 @@ except ImportError as error:  # pragma: no cover - depends on the environment
 
 from accelerate.utils import is_peft_model
 
-from ..collators import LAYOUT_KEY, PrefixShareCollator
+from ..collators import PrefixShareCollator
+from ..layout import LAYOUT_KEY
 from ..engine import response_logps
 from ..logps import ResponseLogps
 from ..losses import nll_loss, preference_loss
-from ..patch import _unwrap, patch
+from ..patch import patch
+from ..structure import unwrap_model
 
 __all__ = ["PrefixShareDPOCollator", "PrefixShareDPOTrainer", "SUPPORTED_LOSS_TYPES"]
 
@@ -351,7 +353,7 @@ class PrefixShareDPOTrainer(DPOTrainer):
         if id(inner) not in self._prefixshare_patched:
             patch(inner, backend=self._prefixshare_backend)
             self._prefixshare_patched.add(id(inner))
-        return _unwrap(inner)
+        return unwrap_model(inner)
 
     def _prefixshare_forward(self, model, batch: Mapping, *, stats: bool) -> ResponseLogps:
         """One prefix-shared forward through the log-prob engine: ``[n, 2]`` log-probs with their graph and,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import torch
 
-from .._compat import DTYPE_KWARG
 
 ARCHITECTURE_NAMES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3")
 
@@ -73,6 +72,6 @@ def tiny_model(
     config = tiny_config(architecture, **overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(
-        config, attn_implementation=attn_implementation, **{DTYPE_KWARG: dtype}
+        config, attn_implementation=attn_implementation, dtype=dtype
     )
     return model.eval()

@@ -157,7 +157,7 @@ def collators_for(budget: int):
 def build_model(shape: str, backend: str, dtype: torch.dtype, device: str, lora: bool, gradient_checkpointing: bool = False):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from .._compat import DTYPE_KWARG, enable_gradient_checkpointing
+    from .._compat import enable_gradient_checkpointing
 
     config = LlamaConfig(**MODEL_SHAPES[shape], max_position_embeddings=16384, pad_token_id=0)
     torch.manual_seed(0)
@@ -165,7 +165,7 @@ def build_model(shape: str, backend: str, dtype: torch.dtype, device: str, lora:
     if backend in ("varlen", "flex_attention"):
         # the paired-native baseline runs the kernel the model is loaded with: FlashAttention-2 where installed
         kernel = "flash_attention_2" if device.startswith("cuda") and _has_flash_attn() else "sdpa"
-    model = AutoModelForCausalLM.from_config(config, attn_implementation=kernel, **{DTYPE_KWARG: dtype}).to(device)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=kernel, dtype=dtype).to(device)
     if gradient_checkpointing:  # what fits an 8B model's activations on one GPU; the layout survives recompute
         enable_gradient_checkpointing(model, use_reentrant=False)
     if lora:

@@ -125,7 +125,7 @@ def _tv_token_logps(head, rows, targets):
 
 def _stage(fmt: str, head, hidden, batch, chunk: int):
     """Forward and backward of the log-prob stage of ``fmt`` on ``hidden`` ``[B, L, H]``."""
-    from ..engine import LogitProcessing, _fused_token_logps
+    from ..engine import LogitProcessing, fused_token_logps
     from ..logps import sum_per_response
 
     layout = batch.layout
@@ -143,7 +143,7 @@ def _stage(fmt: str, head, hidden, batch, chunk: int):
         if fmt == "shared [T,V]":
             per_token = _tv_token_logps(head, rows, targets)
         else:
-            per_token, _ = _fused_token_logps(head, rows, targets, LogitProcessing(), chunk)
+            per_token, _ = fused_token_logps(head, rows, targets, LogitProcessing(), chunk)
         logps = sum_per_response(per_token, layout)
     logps.sum().backward()
 
