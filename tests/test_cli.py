@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from prefixshare.tools import bench, cli
-from prefixshare.tools.stats import dataset_stats, load_preference_file
+from prefixshare.data import load_preferences
+from prefixshare.tools.stats import dataset_stats
 
 SHARED = Path(os.environ.get("PREFIXSHARE_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 
@@ -37,13 +38,13 @@ def test_load_preference_file_formats(tmp_path):
     as_list = tmp_path / "d.json"
     as_list.write_text(json.dumps(rows))
     for path in (jsonl, as_list):
-        loaded = load_preference_file(str(path))
+        loaded = load_preferences(str(path))
         assert loaded[0] == rows[0]
         assert loaded[1]["prompt"] == [{"role": "user", "content": "hi"}]
         assert loaded[1]["chosen"] == [{"role": "assistant", "content": "yo"}]
     (tmp_path / "bad.json").write_text(json.dumps([["not", "an", "object"]]))
     with pytest.raises(ValueError, match="example 0"):
-        load_preference_file(str(tmp_path / "bad.json"))
+        load_preferences(str(tmp_path / "bad.json"))
 
 
 @pytest.mark.skipif(not (SHARED / "tokenizers").exists(), reason="needs ../shared (real tokenizer and data)")

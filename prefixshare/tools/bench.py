@@ -74,14 +74,14 @@ def synthetic_lengths(profile: str, n: int, seed: int = 0, scale: float = 1.0) -
 
 
 def examples_from_file(path: str, tokenizer, n: int, vocab_size: int) -> list[dict]:
-    """The first ``n`` examples of a preference file (any format of :func:`prefixshare.tools.stats.load_preference_file`), tokenized.
+    """The first ``n`` examples of a preference file (any format of :func:`prefixshare.data.load_preferences`), tokenized.
 
     Token ids are folded into the model's vocabulary (``id % vocab_size``): the bench's models have random
     weights, so only the lengths matter, and a tokenizer's vocabulary may be larger than the tiny model's.
     """
-    from .stats import load_preference_file, tokenize_all
+    from ..data import load_preferences, tokenize_preferences
 
-    examples = tokenize_all(load_preference_file(path, limit=n), tokenizer)
+    examples = tokenize_preferences(tokenizer, load_preferences(path, limit=n))
     if len(examples) < n:
         raise ValueError(
             f"{path}: {len(examples)} examples, the bench needs {n} (examples per step x (steps + 1)); "

@@ -1,92 +1,15 @@
 """``prefixshare stats``: what prefix sharing saves on a preference dataset, before training on it.
 
-Reads json / jsonl (optionally gzipped) in the formats users have: standard (``prompt``/``chosen``/``rejected``
-strings), conversational (lists of ``{"role", "content"}`` messages), implicit-prompt pairs such as HH-RLHF
-(``chosen``/``rejected`` holding the whole dialogue), and ShareGPT-style ``conversations`` with
-``chosen``/``rejected`` turns (LLaMA-Factory). Tokenizes with :func:`prefixshare.tokenize_preference`.
+Reads every format :func:`prefixshare.data.load_preferences` reads (json / jsonl, gzipped or not; standard,
+conversational, implicit prompt, ShareGPT) and tokenizes with :func:`prefixshare.data.tokenize_preferences`.
 """
 
 from __future__ import annotations
 
-import gzip
-import json
 import statistics
-import warnings
 from dataclasses import dataclass
 
 from ..collators import PairedCollator, PrefixShareCollator
-from ..tokenization import tokenize_preference
-
-_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-
-
-def _open(path):
-    return gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")
-
-
-def _sharegpt(example: dict, index: int) -> dict:
-    def message(turn):
-        role = turn.get("from", turn.get("role"))
-        if role not in _ROLES:
-            raise ValueError(f"example {index}: unknown speaker {role!r} in conversations")
-        return {"role": _ROLES[role], "content": turn.get("value", turn.get("content"))}
-
-    return {
-        "prompt": [message(t) for t in example["conversations"]],
-        "chosen": [message(example["chosen"])],
-        "rejected": [message(example["rejected"])],
-    }
-
-
-def load_preference_file(path: str, limit: int | None = None) -> list[dict]:
-    """Examples of a json (a list) or jsonl file, ShareGPT-style rows turned into conversations."""
-    with _open(path) as f:
-        text = f.read()
-    stripped = text.lstrip()
-    rows = json.loads(text) if stripped.startswith("[") else [json.loads(line) for line in text.splitlines() if line.strip()]
-    rows = rows[:limit] if limit else rows
-    out = []
-    for i, row in enumerate(rows):
-        if not isinstance(row, dict):
-            raise ValueError(f"{path}: example {i} is a {type(row).__name__}, expected an object")
-        out.append(_sharegpt(row, i) if "conversations" in row else row)
-    return out
-
-
-def _plain_text(messages) -> str:
-    """A conversation as plain text, for tokenizers without a chat template (HH-RLHF's own convention)."""
-    names = {"user": "Human", "assistant": "Assistant", "system": "System"}
-    return "".join(f"\n\n{names.get(m['role'], m['role'])}: {m['content']}" for m in messages)
-
-
-def tokenize_all(examples: list[dict], tokenizer) -> list[dict]:
-    """Token ids of every example; conversations become plain text if the tokenizer has no chat template."""
-    has_template = getattr(tokenizer, "chat_template", None) is not None
-    out = []
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        for i, example in enumerate(examples):
-            out.append(_tokenize_one(example, i, tokenizer, has_template))
-    if caught:
-        # one line for the dataset instead of one per example
-        first = str(caught[0].message)
-        warnings.warn(f"{len(caught)} of {len(examples)} examples warned while tokenizing; the first: {first}", stacklevel=2)
-    return out
-
-
-def _tokenize_one(example: dict, i: int, tokenizer, has_template: bool) -> dict:
-    if not has_template and isinstance(example.get("chosen"), list):
-        example = {
-            "prompt": _plain_text(example.get("prompt", [])) + "\n\nAssistant:",
-            "chosen": " " + example["chosen"][-1]["content"],
-            "rejected": " " + example["rejected"][-1]["content"],
-        }
-    try:
-        ids = tokenize_preference(example, tokenizer)
-    except ValueError as error:
-        raise ValueError(f"example {i}: {error}") from error
-    return {k: ids[k] for k in ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")}
-
 
 @dataclass
 class DatasetStats:
