@@ -131,13 +131,25 @@ def toy_tokenizer():
     )
 
 
+def _progress(rows, enabled: bool, desc: str):
+    if not enabled:
+        return rows
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return rows
+    return tqdm(rows, desc=desc, disable=None)  # disable=None: no bar where stderr is not a terminal
+
+
 def _plain_text(messages) -> str:
     """A conversation as plain text, for tokenizers without a chat template (HH-RLHF's own convention)."""
     names = {"user": "Human", "assistant": "Assistant", "system": "System"}
     return "".join(f"\n\n{names.get(m['role'], m['role'])}: {m['content']}" for m in messages)
 
 
-def tokenize_preferences(tokenizer, rows: Iterable[Mapping], *, max_length: int | None = None) -> list[dict]:
+def tokenize_preferences(
+    tokenizer, rows: Iterable[Mapping], *, max_length: int | None = None, progress: bool = False
+) -> list[dict]:
     """Token ids of every preference row, for the collators: ``[{prompt_input_ids, chosen_input_ids,
     rejected_input_ids}, ...]``.
 
@@ -145,7 +157,7 @@ def tokenize_preferences(tokenizer, rows: Iterable[Mapping], *, max_length: int 
     in front of the prompt where the tokenizer adds one, the EOS token after each response); works with any
     Hugging Face tokenizer. Conversations given to a tokenizer without a chat template become plain text
     (``"\n\nHuman: ...\n\nAssistant:"``, HH-RLHF's convention). Errors name the row; the tokenizer's
-    warnings are summed up in one.
+    warnings are summed up in one. ``progress=True`` shows a progress bar (tqdm, if installed).
     """
     from ..tokenization import tokenize_preference
 
@@ -153,7 +165,7 @@ def tokenize_preferences(tokenizer, rows: Iterable[Mapping], *, max_length: int 
     out = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        for i, row in enumerate(rows):
+        for i, row in enumerate(_progress(rows, progress, "tokenizing")):
             if not has_template and isinstance(row.get("chosen"), list):
                 row = {
                     "prompt": _plain_text(row.get("prompt", [])) + "\n\nAssistant:",

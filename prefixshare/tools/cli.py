@@ -110,7 +110,7 @@ def _stats(args) -> int:
     from .stats import dataset_stats, format_stats
 
     tokenizer = _load_tokenizer(args.tokenizer)
-    examples = tokenize_preferences(tokenizer, load_preferences(args.data, limit=args.limit))
+    examples = tokenize_preferences(tokenizer, load_preferences(args.data, limit=args.limit), progress=True)
     print(format_stats(args.data, dataset_stats(examples, max_tokens_per_row=args.max_tokens_per_row)))
     return 0
 
