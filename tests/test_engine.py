@@ -25,6 +25,7 @@ import pytest
 import torch
 
 import prefixshare as ps
+from prefixshare._compat import TRANSFORMERS_VERSION
 from prefixshare import engine
 from prefixshare.engine import STATS, LogitProcessing, LogitProcessingMismatch, logit_processing
 from prefixshare.testing import logps_alone, random_examples, relative_error
@@ -279,6 +280,8 @@ def test_final_logit_processing_of_later_architectures(name):
     config_class, extra, expected = LATER[name]
     model = _tiny(config_class, **extra)
     assert logit_processing(model) == expected
+    if not getattr(model, "_supports_attention_backend", False):  # e.g. GraniteMoe in transformers 4.57
+        pytest.skip(f"{type(model).__name__} computes attention itself in this transformers: it cannot be patched")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "patching unverified model_type" (Gemma3 is verified)
         ps.patch(model, allow_unverified=True)
@@ -300,6 +303,9 @@ def test_final_logit_processing_of_models_prefixshare_cannot_patch(name):
     }[name]  # fmt: skip
     model = _tiny(config_class, **extra)
     assert logit_processing(model) == expected
+    if name == "recurrent_gemma" and TRANSFORMERS_VERSION.major < 5:
+        pytest.skip("RecurrentGemma of transformers 4.57 keeps its recurrent state between forwards: its own plain "
+                    "forward fails on a second backward, so the comparison cannot run there")
     check_engine(model, random_examples(3, VOCAB, seed=14), lambda examples: ps.PairedCollator(0)(examples), chunk_size=5)
 
 
