@@ -2,7 +2,7 @@
 """The compatibility matrix: does prefix sharing give the same numbers as the plain model?
 
 Every cell is one (architecture, backend, adapter, packing, dtype). For each cell a tiny random model of
-the architecture is built from its config (prefixshare.tiny), wrapped in the adapter, deep-copied, and the
+the architecture is built from its config (prefixshare.testing), wrapped in the adapter, deep-copied, and the
 COPY is patched with ``prefixshare.patch(copy, backend=...)``. Then
 :func:`prefixshare.testing.compare_with_alone` compares
 
@@ -14,7 +14,7 @@ unpatched reference. The error is normwise relative, ``max |x - ref| / max |ref|
 gradients.
 
 Axes:
-    architecture  llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3 (prefixshare.tiny)
+    architecture  llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3 (prefixshare.testing)
     backend       eager, sdpa, flex_attention, varlen
     adapter       full (every parameter trainable), lora (peft LoRA, r=4, non-zero B), qlora (the tiny
                   checkpoint saved and loaded back in 4-bit NF4 with bitsandbytes, then LoRA)
@@ -57,11 +57,10 @@ except ImportError:  # run from a checkout that is not installed
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     import prefixshare
 
-from prefixshare._compat import DTYPE_KWARG
-from prefixshare._machine import describe_machine
+from prefixshare.tools.machine import describe_machine
 from prefixshare.collators import PairedCollator, PrefixShareCollator
 from prefixshare.testing import compare_with_alone, random_examples
-from prefixshare.tiny import ARCHITECTURE_NAMES, tiny_config, tiny_model
+from prefixshare.testing import ARCHITECTURE_NAMES, tiny_config, tiny_model
 
 # ---------------------------------------------------------------------------------------------- the axes
 ARCHITECTURES = ARCHITECTURE_NAMES
@@ -263,7 +262,7 @@ def load_4bit(architecture: str, kernel: str, dtype: torch.dtype, settings: Sett
         quantization_config=quantization,
         attn_implementation=kernel,
         device_map={"": settings.device},
-        **{DTYPE_KWARG: dtype},
+        dtype=dtype,
     )
     return keep_bnb_default_path(model).eval()
 
@@ -567,7 +566,7 @@ def render_markdown(cells: list[Cell], command: str, device: str, seconds: float
         f"**Tolerance**: float32 `{_tol(f32[0])}` on both. bfloat16 `{_tol(bf16[0])}` on log-probs and "
         f"`{_tol(bf16[1])}` on gradients. " + BF16_RATIONALE,
         "",
-        "**Models**: tiny random models built from configs (`prefixshare.tiny`: 2 layers, Gemma3 6; sliding "
+        "**Models**: tiny random models built from configs (`prefixshare.testing`: 2 layers, Gemma3 6; sliding "
         "windows of 8 tokens, Gemma2's softcaps, grouped-query attention). The reference of a cell is its "
         "model before patching; the patched model is a deep copy of it, patched. The reference runs with "
         "the backend's own kernel (eager, sdpa); for `flex_attention` it runs eager (transformers' own "

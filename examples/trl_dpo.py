@@ -61,10 +61,10 @@ def main():
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16 if args.bf16 else torch.float32)
         lr = args.lr or 5e-7
     else:
-        from prefixshare.tiny import tiny_model
+        from prefixshare.testing import tiny_model
 
         tokenizer = toy_tokenizer()
-        model = tiny_model("llama", vocab_size=len(tokenizer))  # prefixshare.tiny: built from a config, no download
+        model = tiny_model("llama", vocab_size=len(tokenizer))  # prefixshare.testing: built from a config, no download
         lr = args.lr or 1e-3
     rows = load_preferences(args.data) if args.data else load_toy_preferences()
     train_dataset = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])

@@ -40,7 +40,7 @@ from ._compat import (
 )
 from .architectures import UnsupportedModelError, architecture_of, unsupported_message
 from .backends import BACKENDS
-from .collators import LAYOUT_KEY
+from .layout import LAYOUT_KEY
 from .structure import text_attention_modules, text_model_type, token_mixing_problems, unwrap_model
 
 # short, filter-safe codes: transformers 5.x matches implementation names by substring ("sdpa", "flash", ...)
@@ -512,6 +512,7 @@ def unpatch(model):
 
 
 def is_patched(model) -> bool:
+    """Whether the text decoder of ``model`` (or of the transformers model inside its wrappers) is patched."""
     inner = unwrap_model(model)
     return any(_parse(get_attn_implementation(c)) for c in _decoder_configs(inner))
 
@@ -525,6 +526,3 @@ def patched_backend(model) -> str | None:
             return parsed[0]
     return None
 
-
-# kept for the modules that imported the old private name
-_unwrap = unwrap_model

@@ -30,8 +30,8 @@ from typing import Any
 import torch
 
 from ._compat import text_config
-from .collators import LAYOUT_KEY, PrefixShareBatch, _token_ids
-from .layout import Placement, PrefixShareLayout, UnitSpec
+from .collators import PrefixShareBatch, token_ids
+from .layout import LAYOUT_KEY, Placement, PrefixShareLayout, UnitSpec
 from .packing import first_fit_decreasing
 from .patch import expect_layout_applied
 from .structure import unwrap_model
@@ -126,7 +126,7 @@ class RewardCollator:
         for name in ("chosen_ids", "rejected_ids"):
             if example.get(name) is None:
                 raise ValueError(f"example {index}: missing {name!r} (the token ids of the whole prompt+response)")
-            ids = _token_ids(example[name], index, name)
+            ids = token_ids(example[name], index, name)
             if len(ids) < 2:
                 raise ValueError(
                     f"example {index}: {name} has {len(ids)} token{'s' if len(ids) != 1 else ''}; a prefix-shared "

@@ -19,7 +19,7 @@ import torch
 
 import prefixshare
 from prefixshare.layout import PrefixShareLayout
-from prefixshare.tiny import ARCHITECTURE_NAMES, tiny_model
+from prefixshare.testing import ARCHITECTURE_NAMES, tiny_model
 
 pytest.importorskip("peft")
 pytest.importorskip("bitsandbytes")

@@ -4,7 +4,7 @@ Every DPOConfig option of TRL 1.16 that changes the numbers is one case of LOSS_
 run of each kind per case). Set PREFIXSHARE_TRL_DIFFS=path.json to write the worst relative and absolute difference
 seen per case (the report of docs/trl.md).
 
-Each comparison trains a tiny Llama (prefixshare.tiny, no dropout) for 3 optimizer steps of 4 pairs with both
+Each comparison trains a tiny Llama (prefixshare.testing, no dropout) for 3 optimizer steps of 4 pairs with both
 trainers and compares every logged value at every step.
 
 Tolerance: relative 1e-4, absolute 1e-5 (and exact equality for counts: num_tokens, rewards/accuracies,
@@ -40,14 +40,14 @@ datasets = pytest.importorskip("datasets")
 from trl import DPOConfig, DPOTrainer  # noqa: E402
 
 from prefixshare import UnsupportedModelError, is_patched  # noqa: E402
-from prefixshare.collators import LAYOUT_KEY  # noqa: E402
+from prefixshare.layout import LAYOUT_KEY  # noqa: E402
 from prefixshare.data import load_toy_preferences, toy_tokenizer  # noqa: E402
 from prefixshare.integrations.trl import (  # noqa: E402
     SUPPORTED_LOSS_TYPES,
     PrefixShareDPOCollator,
     PrefixShareDPOTrainer,
 )
-from prefixshare.tiny import tiny_model  # noqa: E402
+from prefixshare.testing import tiny_model  # noqa: E402
 
 RTOL, ATOL = 1e-4, 1e-5
 EXACT = {"num_tokens", "rewards/accuracies", "mean_token_accuracy", "step", "epoch", "learning_rate"}

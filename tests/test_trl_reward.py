@@ -19,11 +19,12 @@ datasets = pytest.importorskip("datasets")
 from trl import RewardConfig, RewardTrainer  # noqa: E402
 
 import prefixshare  # noqa: E402
+from prefixshare.layout import LAYOUT_KEY  # noqa: E402
 from prefixshare.data import load_toy_preferences, toy_tokenizer  # noqa: E402
 from prefixshare.integrations.trl import PrefixShareRewardCollator, PrefixShareRewardTrainer  # noqa: E402
 from prefixshare.rewards import POSITIONS_KEY, RewardCollator, response_rewards  # noqa: E402
 from prefixshare.testing import relative_error  # noqa: E402
-from prefixshare.tiny import ARCHITECTURE_NAMES, tiny_config  # noqa: E402
+from prefixshare.testing import ARCHITECTURE_NAMES, tiny_config  # noqa: E402
 
 from test_trl import ATOL, RTOL, UNTIMED, assert_same, report_differences, uneven  # noqa: E402,F401  (the report fixture too)
 
@@ -117,7 +118,7 @@ def test_rewards_equal_those_of_each_sequence_alone(architecture):
 def test_collator_shares_the_common_prefix_and_names_bad_examples():
     collator = RewardCollator(pad_token_id=0)
     batch = collator([{"chosen_ids": [1, 5, 6, 7], "rejected_ids": [1, 5, 6, 8, 9], "margin": 0.5}])
-    unit = batch[prefixshare.LAYOUT_KEY].placements[0].unit
+    unit = batch[LAYOUT_KEY].placements[0].unit
     assert (unit.prompt_length, unit.response_lengths) == (3, (1, 2))
     assert batch["input_ids"].tolist() == [[1, 5, 6, 7, 8, 9]]
     assert batch[POSITIONS_KEY].tolist() == [[3, 5]] and batch["margin"].tolist() == [0.5]
@@ -130,7 +131,7 @@ def test_collator_shares_the_common_prefix_and_names_bad_examples():
 
 
 def test_response_rewards_refuses_a_model_without_score_head():
-    from prefixshare.tiny import tiny_model
+    from prefixshare.testing import tiny_model
 
     model = prefixshare.patch(tiny_model("llama"))
     batch = RewardCollator(0)([{"chosen_ids": [1, 5, 6], "rejected_ids": [1, 5, 7]}])

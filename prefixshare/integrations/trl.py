@@ -67,11 +67,13 @@ except ImportError as error:  # pragma: no cover - depends on the environment
 
 from accelerate.utils import is_peft_model
 
-from ..collators import LAYOUT_KEY, PrefixShareCollator
+from ..collators import PrefixShareCollator
+from ..layout import LAYOUT_KEY
 from ..engine import response_logps
 from ..logps import ResponseLogps
 from ..losses import TRL_LOSS_TYPES, length_desensitized_logps, preference_loss, sft_loss, wpo_weights
-from ..patch import _unwrap, patch
+from ..patch import patch
+from ..structure import unwrap_model
 
 __all__ = [
     "PrefixShareDPOCollator",
@@ -297,7 +299,9 @@ def _check_config(args: DPOConfig) -> None:
             raise unsupported(f"tensor/context/sequence parallelism ({sizes})", "data parallelism and FSDP are fine")
 
 
-def _is_prompt_learning(model, peft_config) -> bool:
+def is_prompt_learning(model, peft_config) -> bool:
+    """Whether ``model`` is (or ``peft_config`` makes it) a prompt-learning PEFT model (prefix / prompt / p-tuning):
+    their virtual tokens do not fit the prefix-shared layout."""
     if peft_config is not None and getattr(peft_config, "is_prompt_learning", False):
         return True
     configs = getattr(model, "peft_config", None)
@@ -363,7 +367,7 @@ class PrefixShareDPOTrainer(DPOTrainer):
                 f"PrefixShareDPOTrainer needs its own collator (PrefixShareDPOCollator), got {type(collator).__name__}; "
                 "leave data_collator unset"
             )
-        if _is_prompt_learning(model, arguments.get("peft_config")):
+        if is_prompt_learning(model, arguments.get("peft_config")):
             raise ValueError(
                 "PrefixShareDPOTrainer does not support prompt-learning PEFT methods (prefix/prompt tuning): their "
                 "virtual tokens do not fit the prefix-shared layout; LoRA-style adapters are fine"
@@ -440,7 +444,7 @@ class PrefixShareDPOTrainer(DPOTrainer):
         if id(inner) not in self._prefixshare_patched:
             patch(inner, backend=self._prefixshare_backend)
             self._prefixshare_patched.add(id(inner))
-        return _unwrap(inner)
+        return unwrap_model(inner)
 
     def _prefixshare_forward(self, model, batch: Mapping, *, stats: tuple[str, ...] = (), per_token: bool = False):
         """One prefix-shared forward through the log-prob engine: ``[n, 2]`` log-probs with their graph and the

@@ -39,7 +39,7 @@ try:
 except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError("prefixshare.integrations.trl_reward needs TRL: pip install 'trl>=1.16'") from error
 
-from ..collators import LAYOUT_KEY
+from ..layout import LAYOUT_KEY
 from ..losses import bradley_terry_loss
 from ..patch import patch
 from ..rewards import POSITIONS_KEY, RewardCollator, response_rewards
@@ -114,7 +114,7 @@ class PrefixShareRewardTrainer(RewardTrainer):
         prefixshare_max_tokens_per_row: int | None = None,
         **kwargs,
     ):
-        from ..integrations.trl import _is_prompt_learning
+        from .trl import is_prompt_learning
 
         bound = inspect.signature(RewardTrainer.__init__).bind(self, *args, **kwargs)
         arguments = bound.arguments
@@ -136,7 +136,7 @@ class PrefixShareRewardTrainer(RewardTrainer):
             )
         if collator is not None and prefixshare_max_tokens_per_row is not None:
             raise ValueError("give prefixshare_max_tokens_per_row to the PrefixShareRewardCollator you pass, not both")
-        if _is_prompt_learning(model, arguments.get("peft_config")):
+        if is_prompt_learning(model, arguments.get("peft_config")):
             raise ValueError(
                 "PrefixShareRewardTrainer does not support prompt-learning PEFT methods (prefix/prompt tuning): their "
                 "virtual tokens do not fit the prefix-shared layout; LoRA-style adapters are fine"

@@ -30,14 +30,14 @@ from datetime import datetime, timezone
 
 import torch
 
-from ._machine import describe_machine
-from .backends.varlen import has_cuda_varlen_kernel
-from .collators import PairedCollator, PrefixShareCollator
-from .layout import PAD_SEGMENT
-from .engine import response_logps
-from .logps import gather_response_logps
-from .patch import patch
-from .rewards import POSITIONS_KEY, response_rewards, reward_positions
+from .machine import describe_machine
+from ..backends.varlen import has_cuda_varlen_kernel
+from ..collators import PairedCollator, PrefixShareCollator
+from ..layout import PAD_SEGMENT
+from ..engine import response_logps
+from ..logps import gather_response_logps
+from ..patch import patch
+from ..rewards import POSITIONS_KEY, response_rewards, reward_positions
 from .stats import dataset_stats
 
 # name -> (median prompt+completion tokens, median prompt/completion ratio), Table 1 of arXiv 2410.20305
@@ -78,14 +78,14 @@ def synthetic_lengths(profile: str, n: int, seed: int = 0, scale: float = 1.0) -
 
 
 def examples_from_file(path: str, tokenizer, n: int, vocab_size: int) -> list[dict]:
-    """The first ``n`` examples of a preference file (any format of :mod:`prefixshare.stats`), tokenized.
+    """The first ``n`` examples of a preference file (any format of :func:`prefixshare.data.load_preferences`), tokenized.
 
     Token ids are folded into the model's vocabulary (``id % vocab_size``): the bench's models have random
     weights, so only the lengths matter, and a tokenizer's vocabulary may be larger than the tiny model's.
     """
-    from .stats import load_preference_file, tokenize_all
+    from ..data import load_preferences, tokenize_preferences
 
-    examples = tokenize_all(load_preference_file(path, limit=n), tokenizer)
+    examples = tokenize_preferences(tokenizer, load_preferences(path, limit=n))
     if len(examples) < n:
         raise ValueError(
             f"{path}: {len(examples)} examples, the bench needs {n} (examples per step x (steps + 1)); "
@@ -165,7 +165,7 @@ def build_model(
 ):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaConfig
 
-    from ._compat import DTYPE_KWARG, enable_gradient_checkpointing
+    from .._compat import enable_gradient_checkpointing
 
     config = LlamaConfig(**MODEL_SHAPES[shape], max_position_embeddings=16384, pad_token_id=0, num_labels=1)
     torch.manual_seed(0)
@@ -174,7 +174,7 @@ def build_model(
         # the paired-native baseline runs the kernel the model is loaded with: FlashAttention-2 where installed
         kernel = "flash_attention_2" if device.startswith("cuda") and _has_flash_attn() else "sdpa"
     auto = AutoModelForSequenceClassification if reward_model else AutoModelForCausalLM
-    model = auto.from_config(config, attn_implementation=kernel, **{DTYPE_KWARG: dtype}).to(device)
+    model = auto.from_config(config, attn_implementation=kernel, dtype=dtype).to(device)
     if gradient_checkpointing:  # what fits an 8B model's activations on one GPU; the layout survives recompute
         enable_gradient_checkpointing(model, use_reentrant=False)
     if lora:

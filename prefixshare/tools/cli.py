@@ -109,10 +109,11 @@ def sentencepiece_tokenizer(model_file: str):
 
 
 def _stats(args) -> int:
-    from .stats import dataset_stats, format_stats, load_preference_file, tokenize_all
+    from ..data import load_preferences, tokenize_preferences
+    from .stats import dataset_stats, format_stats
 
     tokenizer = _load_tokenizer(args.tokenizer)
-    examples = tokenize_all(load_preference_file(args.data, limit=args.limit), tokenizer)
+    examples = tokenize_preferences(tokenizer, load_preferences(args.data, limit=args.limit), progress=True)
     print(format_stats(args.data, dataset_stats(examples, max_tokens_per_row=args.max_tokens_per_row)))
     return 0
 
