@@ -121,7 +121,7 @@ def main():
             batch = trainer.data_collator(
                 [trainer.train_dataset[i] for i in range(start_index, min(start_index + args.batch_size, len(trainer.train_dataset)))]
             )
-            paired += int(batch[PAIRED_TOKENS_KEY])
+            paired += int(batch[PAIRED_TOKENS_KEY].sum())  # one count per row
             shared += batch["prefixshare_layout"].num_tokens
             rows_used += batch["input_ids"].numel()
         print(f"\ntokens of the first batches: {paired} in TRL's paired format, {shared} prefix-shared "
