@@ -255,7 +255,11 @@ def _check_config(args: DPOConfig) -> None:
     smoothing = args.label_smoothing
     if "robust" in loss_types and not 0.0 <= smoothing < 0.5:
         # TRL only warns, then divides by 1 - 2 * label_smoothing (0 at 0.5) or flips the loss's sign beyond it
-        raise ValueError(f"loss_type 'robust' needs label_smoothing in [0, 0.5), got {smoothing}")
+        raise ValueError(
+            "The `label_smoothing` parameter should lie in [0.0, 0.5) for the 'robust' loss. You provided "
+            f"{smoothing}. (trl.DPOTrainer only warns, then divides by 1 - 2 * label_smoothing; PrefixShareDPOTrainer "
+            "refuses rather than train on that.)"
+        )
     if "exo_pair" in loss_types and smoothing >= 1.0:
         raise ValueError(f"loss_type 'exo_pair' needs label_smoothing in (0, 1) (log(1 - label_smoothing)), got {smoothing}")
     if {"aot", "aot_unpaired"} & set(loss_types) and not 0.0 <= smoothing <= 1.0:
