@@ -35,21 +35,13 @@ from .layout import LAYOUT_KEY, Placement, PrefixShareLayout, UnitSpec
 from .packing import first_fit_decreasing
 from .patch import expect_layout_applied
 from .structure import unwrap_model
+from .tokenization import common_prefix_length
 
 __all__ = ["POSITIONS_KEY", "RewardCollator", "response_rewards", "reward_positions"]
 
 POSITIONS_KEY = "prefixshare_reward_positions"
 """Batch key: ``[n, K]`` long, the flat index (``row * L + t``) of the token whose score is each response's
 reward (the last non-pad token of its ``prompt+response`` sequence). Not a model argument."""
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def reward_positions(layout: PrefixShareLayout, input_ids: torch.Tensor, pad_token_id: int | None) -> torch.Tensor:
@@ -140,7 +132,7 @@ class RewardCollator:
         units, tokens = [], []
         for i, example in enumerate(examples):
             chosen, rejected = self._sequences(example, i)
-            shared = min(_common_prefix(chosen, rejected), len(chosen) - 1, len(rejected) - 1)
+            shared = min(common_prefix_length(chosen, rejected), len(chosen) - 1, len(rejected) - 1)
             if shared >= 1:
                 units.append(UnitSpec(i, shared, (0, 1), (len(chosen) - shared, len(rejected) - shared)))
                 tokens.append(chosen + rejected[shared:])

@@ -53,7 +53,6 @@ re-exported here from :mod:`prefixshare.integrations.trl_reward`.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -74,6 +73,13 @@ from ..logps import ResponseLogps
 from ..losses import TRL_LOSS_TYPES, length_desensitized_logps, preference_loss, sft_loss, wpo_weights
 from ..patch import patch
 from ..structure import unwrap_model
+from .trl_common import (
+    PAIRED_TOKENS_KEY,
+    bind_trainer_arguments,
+    check_shared_trainer_options,
+    is_prompt_learning,
+    paired_tokens_per_row,
+)
 
 __all__ = [
     "PrefixShareDPOCollator",
@@ -93,11 +99,6 @@ _F_DIVERGENCE_LOSSES = frozenset({"sigmoid", "sigmoid_norm", "hinge", "ipo", "ex
 # the loss types that read DPOConfig.label_smoothing (TRL's sigmoid ignores it)
 _SMOOTHED_LOSSES = frozenset({"robust", "exo_pair", "aot", "aot_unpaired"})
 
-PAIRED_TOKENS_KEY = "prefixshare_paired_tokens"
-"""Batch key: ``[B]`` long, per row, the number of tokens its pairs take in TRL's paired format (prompt counted
-twice); TRL's ``num_tokens`` metric counts these, so that the metric means the same thing with either trainer.
-One entry per row, like ``input_ids``, so that it concatenates and slices along dim 0 with the rest of the batch
-(a 0-d total could not be concatenated by accelerate)."""
 
 _MODEL_KEYS = ("input_ids", "position_ids", LAYOUT_KEY)
 
@@ -196,10 +197,7 @@ class PrefixShareDPOCollator:
                 f"PrefixShareDPOCollator takes preference pairs (a chosen and a rejected response); these examples "
                 f"have {layout.num_responses} responses each (responses_input_ids): the DPO loss would read only two"
             )
-        paired = torch.zeros(batch["input_ids"].shape[0], dtype=torch.long)
-        for p in layout.placements:
-            paired[p.row] += p.unit.prompt_length * len(p.unit.response_slots) + sum(p.unit.response_lengths)
-        batch[PAIRED_TOKENS_KEY] = paired
+        batch[PAIRED_TOKENS_KEY] = paired_tokens_per_row(layout)
         for key in ("ref_chosen_logps", "ref_rejected_logps"):
             if key in examples[0]:
                 batch[key] = torch.tensor([float(e[key]) for e in examples], dtype=torch.float32)
@@ -283,34 +281,72 @@ def _check_config(args: DPOConfig) -> None:
             "keep_end cuts prompt+chosen and prompt+rejected at different prompt tokens, so they no longer share one "
             "prompt; use truncation_mode='keep_start' (TRL's default) or max_length=None",
         )
-    if getattr(getattr(args, "accelerator_config", None), "dispatch_batches", None) is True:
-        raise unsupported(
-            "accelerator_config.dispatch_batches=True",
-            "a prefix-shared batch cannot be concatenated across processes and re-split by rows (rows hold whole "
-            "pairs, packed rows several); leave dispatch_batches unset: each process then collates its own batches",
+    check_shared_trainer_options(args, unsupported, "trl.DPOTrainer")
+
+
+# ---------------------------------------------------------------------------------------------- trainer set-up
+def _check_trainer_arguments(arguments, config: DPOConfig, stop_on_nonfinite) -> None:
+    """Refuse, before TRL runs, what the prefix-shared trainer cannot do with these arguments."""
+    _check_config(config)
+    if not isinstance(stop_on_nonfinite, bool):
+        raise ValueError(f"prefixshare_stop_on_nonfinite must be True or False, got {stop_on_nonfinite!r}")
+    collator = arguments.get("data_collator")
+    if collator is not None and not isinstance(collator, PrefixShareDPOCollator):
+        raise ValueError(
+            f"PrefixShareDPOTrainer needs its own collator (PrefixShareDPOCollator), got {type(collator).__name__}; "
+            "leave data_collator unset"
         )
-    if getattr(args, "torch_compile", False):
-        raise unsupported("torch_compile=True", "not verified with prefix-shared attention")
-    if "inputs" in (getattr(args, "include_for_metrics", None) or []):
-        raise unsupported(
-            "include_for_metrics=['inputs']",
-            "compute_metrics would be given the prefix-shared rows, not the paired rows trl.DPOTrainer gives",
+    if is_prompt_learning(arguments.get("model"), arguments.get("peft_config")):
+        raise ValueError(
+            "PrefixShareDPOTrainer does not support prompt-learning PEFT methods (prefix/prompt tuning): their "
+            "virtual tokens do not fit the prefix-shared layout; LoRA-style adapters are fine"
         )
-    parallelism = getattr(args, "parallelism_config", None)
-    if parallelism is not None:
-        sizes = {name: getattr(parallelism, name, None) or 1 for name in ("tp_size", "cp_size", "sp_size")}
-        if any(size > 1 for size in sizes.values()):
-            raise unsupported(f"tensor/context/sequence parallelism ({sizes})", "data parallelism and FSDP are fine")
+    # Vision data with a text model: DPOTrainer.__init__ raises its own error (a processor is refused below).
 
 
-def is_prompt_learning(model, peft_config) -> bool:
-    """Whether ``model`` is (or ``peft_config`` makes it) a prompt-learning PEFT model (prefix / prompt / p-tuning):
-    their virtual tokens do not fit the prefix-shared layout."""
-    if peft_config is not None and getattr(peft_config, "is_prompt_learning", False):
-        return True
-    configs = getattr(model, "peft_config", None)
-    return isinstance(configs, Mapping) and any(getattr(c, "is_prompt_learning", False) for c in configs.values())
+def _processing_class(arguments, model, config: DPOConfig):
+    """The tokenizer, loaded as DPOTrainer loads it when none is given (the collator is built here, so DPOTrainer
+    skips that step); a processor (vision-language model) is refused."""
+    from transformers import AutoProcessor, ProcessorMixin
 
+    processing_class = arguments.get("processing_class")
+    if processing_class is None:
+        from trl.trainer.utils import get_config_model_id
+
+        model_id = model if isinstance(model, str) else get_config_model_id(model.config)
+        revision = (config.model_init_kwargs or {}).get("revision") if isinstance(model, str) else None
+        processing_class = AutoProcessor.from_pretrained(
+            model_id, revision=revision, trust_remote_code=config.trust_remote_code
+        )
+    if isinstance(processing_class, ProcessorMixin):
+        raise ValueError(
+            "PrefixShareDPOTrainer does not support vision-language models (a processor as processing_class); "
+            "pass a tokenizer"
+        )
+    return processing_class
+
+
+def _default_collator(tokenizer, config: DPOConfig, max_tokens_per_row: int | None) -> PrefixShareDPOCollator:
+    """The collator DPOTrainer would build, prefix-shared: its pad token chosen as DPOTrainer chooses it."""
+    pad_token = getattr(config, "pad_token", None) or tokenizer.pad_token or tokenizer.eos_token
+    if pad_token is None or pad_token not in tokenizer.get_vocab():
+        raise ValueError(
+            f"the pad token {pad_token!r} is not in the vocabulary of {type(tokenizer).__name__}; set "
+            "tokenizer.pad_token to a token it has"
+        )
+    tokenizer.pad_token = pad_token
+    if config.padding_free and max_tokens_per_row is not None:
+        raise ValueError(
+            "give padding_free=True (each batch in one row) or prefixshare_max_tokens_per_row (rows of at most "
+            "N tokens), not both"
+        )
+    return PrefixShareDPOCollator(
+        pad_token_id=tokenizer.pad_token_id,
+        max_length=config.max_length,
+        pad_to_multiple_of=config.pad_to_multiple_of,
+        max_tokens_per_row=max_tokens_per_row,
+        padding_free=config.padding_free,
+    )
 
 # ---------------------------------------------------------------------------------------------- trainer
 class PrefixShareDPOTrainer(DPOTrainer):
@@ -341,22 +377,10 @@ class PrefixShareDPOTrainer(DPOTrainer):
         prefixshare_stop_on_nonfinite: bool = False,
         **kwargs,
     ):
-        from transformers import AutoProcessor, ProcessorMixin
-
-        bound = inspect.signature(DPOTrainer.__init__).bind(self, *args, **kwargs)
+        bound = bind_trainer_arguments(DPOTrainer, DPOConfig, "DPO", self, args, kwargs)
         arguments = bound.arguments
-        model = arguments.get("model")
-        config = arguments.get("args")
-        if config is None:  # DPOTrainer's default config, made here so that it can be checked first
-            from trl.trainer.utils import get_config_model_id
-
-            name = model if isinstance(model, str) else get_config_model_id(model.config)
-            config = arguments["args"] = DPOConfig(f"{name.split('/')[-1]}-DPO")
-        _check_config(config)
-        if not isinstance(prefixshare_stop_on_nonfinite, bool):
-            raise ValueError(
-                f"prefixshare_stop_on_nonfinite must be True or False, got {prefixshare_stop_on_nonfinite!r}"
-            )
+        model, config = arguments.get("model"), arguments["args"]
+        _check_trainer_arguments(arguments, config, prefixshare_stop_on_nonfinite)
         # Accelerate dispatches batches by default for iterable (streaming) datasets: the main process collates
         # num_processes batches, concatenates them tensor by tensor, and hands each process a slice of rows. A
         # prefix-shared batch does not survive that (its layout is no tensor and indexes tokens by row, reference
@@ -364,57 +388,9 @@ class PrefixShareDPOTrainer(DPOTrainer):
         # exactly as with a map-style dataset. TRL does the same for streaming training sets (DPOTrainer.__init__
         # sets dispatch_batches=False); here it covers evaluation sets too. An explicit True raised above.
         config.accelerator_config.dispatch_batches = False
-
-        collator = arguments.get("data_collator")
-        if collator is not None and not isinstance(collator, PrefixShareDPOCollator):
-            raise ValueError(
-                f"PrefixShareDPOTrainer needs its own collator (PrefixShareDPOCollator), got {type(collator).__name__}; "
-                "leave data_collator unset"
-            )
-        if is_prompt_learning(model, arguments.get("peft_config")):
-            raise ValueError(
-                "PrefixShareDPOTrainer does not support prompt-learning PEFT methods (prefix/prompt tuning): their "
-                "virtual tokens do not fit the prefix-shared layout; LoRA-style adapters are fine"
-            )
-        # Vision data with a text model: DPOTrainer.__init__ raises its own error (a processor is refused below).
-
-        # The tokenizer: loaded as DPOTrainer loads it, and its pad token chosen as DPOTrainer chooses it (the
-        # collator is built here, so DPOTrainer skips that step).
-        processing_class = arguments.get("processing_class")
-        if processing_class is None:
-            from trl.trainer.utils import get_config_model_id
-
-            model_id = model if isinstance(model, str) else get_config_model_id(model.config)
-            revision = (config.model_init_kwargs or {}).get("revision") if isinstance(model, str) else None
-            processing_class = arguments["processing_class"] = AutoProcessor.from_pretrained(
-                model_id, revision=revision, trust_remote_code=config.trust_remote_code
-            )
-        if isinstance(processing_class, ProcessorMixin):
-            raise ValueError(
-                "PrefixShareDPOTrainer does not support vision-language models (a processor as processing_class); "
-                "pass a tokenizer"
-            )
-        if collator is None:
-            tokenizer = processing_class
-            pad_token = getattr(config, "pad_token", None) or tokenizer.pad_token or tokenizer.eos_token
-            if pad_token is None or pad_token not in tokenizer.get_vocab():
-                raise ValueError(
-                    f"the pad token {pad_token!r} is not in the vocabulary of {type(tokenizer).__name__}; set "
-                    "tokenizer.pad_token to a token it has"
-                )
-            tokenizer.pad_token = pad_token
-            if config.padding_free and prefixshare_max_tokens_per_row is not None:
-                raise ValueError(
-                    "give padding_free=True (each batch in one row) or prefixshare_max_tokens_per_row (rows of at most "
-                    "N tokens), not both"
-                )
-            arguments["data_collator"] = PrefixShareDPOCollator(
-                pad_token_id=tokenizer.pad_token_id,
-                max_length=config.max_length,
-                pad_to_multiple_of=config.pad_to_multiple_of,
-                max_tokens_per_row=prefixshare_max_tokens_per_row,
-                padding_free=config.padding_free,
-            )
+        processing_class = arguments["processing_class"] = _processing_class(arguments, model, config)
+        if arguments.get("data_collator") is None:
+            arguments["data_collator"] = _default_collator(processing_class, config, prefixshare_max_tokens_per_row)
         elif prefixshare_max_tokens_per_row is not None:
             raise ValueError("give prefixshare_max_tokens_per_row to the PrefixShareDPOCollator you pass, not both")
 

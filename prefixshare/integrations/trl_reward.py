@@ -28,7 +28,6 @@ dispatching is turned off, as TRL does for streaming training sets; an explicit 
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -43,6 +42,13 @@ from ..layout import LAYOUT_KEY
 from ..losses import bradley_terry_loss
 from ..patch import patch
 from ..rewards import POSITIONS_KEY, RewardCollator, response_rewards
+from .trl_common import (
+    PAIRED_TOKENS_KEY,
+    bind_trainer_arguments,
+    check_shared_trainer_options,
+    is_prompt_learning,
+    paired_tokens_per_row,
+)
 
 __all__ = ["PrefixShareRewardCollator", "PrefixShareRewardTrainer"]
 
@@ -52,7 +58,6 @@ for _name in ("compute_loss", "_prepare_dataset"):
             f"prefixshare.integrations.trl_reward needs TRL 1.x's RewardTrainer.{_name} (verified with trl 1.16)"
         )
 
-PAIRED_TOKENS_KEY = "prefixshare_paired_tokens"  # as in prefixshare.integrations.trl: TRL's num_tokens, per row
 
 
 class PrefixShareRewardCollator(RewardCollator):
@@ -62,10 +67,7 @@ class PrefixShareRewardCollator(RewardCollator):
 
     def __call__(self, examples: Sequence[Mapping]) -> dict[str, Any]:
         batch = super().__call__(examples)
-        paired = torch.zeros(batch["input_ids"].shape[0], dtype=torch.long)
-        for p in batch[LAYOUT_KEY].placements:
-            paired[p.row] += p.unit.prompt_length * len(p.unit.response_slots) + sum(p.unit.response_lengths)
-        batch[PAIRED_TOKENS_KEY] = paired
+        batch[PAIRED_TOKENS_KEY] = paired_tokens_per_row(batch[LAYOUT_KEY])
         return batch
 
 
@@ -73,26 +75,9 @@ def _check_config(args: RewardConfig) -> None:
     def unsupported(what: str, hint: str) -> ValueError:
         return ValueError(f"PrefixShareRewardTrainer does not support {what}; {hint}")
 
-    if getattr(getattr(args, "accelerator_config", None), "dispatch_batches", None) is True:
-        raise unsupported(
-            "accelerator_config.dispatch_batches=True",
-            "a prefix-shared batch cannot be concatenated across processes and re-split by rows; leave it unset",
-        )
+    check_shared_trainer_options(args, unsupported, "trl.RewardTrainer")
     if getattr(args, "use_liger_kernel", False):
         raise unsupported("use_liger_kernel=True", "Liger's kernels are not verified with prefix-shared batches")
-    if getattr(args, "torch_compile", False):
-        raise unsupported("torch_compile=True", "not verified with prefix-shared attention")
-    if "inputs" in (getattr(args, "include_for_metrics", None) or []):
-        raise unsupported(
-            "include_for_metrics=['inputs']",
-            "compute_metrics would be given the prefix-shared rows, not the paired rows trl.RewardTrainer gives",
-        )
-    parallelism = getattr(args, "parallelism_config", None)
-    if parallelism is not None:
-        sizes = {name: getattr(parallelism, name, None) or 1 for name in ("tp_size", "cp_size", "sp_size")}
-        if any(size > 1 for size in sizes.values()):
-            raise unsupported(f"tensor/context/sequence parallelism ({sizes})", "data parallelism and FSDP are fine")
-
 
 class PrefixShareRewardTrainer(RewardTrainer):
     """TRL's ``RewardTrainer`` with prefix sharing: same arguments, plus ``prefixshare_backend`` and
@@ -114,17 +99,9 @@ class PrefixShareRewardTrainer(RewardTrainer):
         prefixshare_max_tokens_per_row: int | None = None,
         **kwargs,
     ):
-        from .trl import is_prompt_learning
-
-        bound = inspect.signature(RewardTrainer.__init__).bind(self, *args, **kwargs)
+        bound = bind_trainer_arguments(RewardTrainer, RewardConfig, "Reward", self, args, kwargs)
         arguments = bound.arguments
-        model = arguments.get("model")
-        config = arguments.get("args")
-        if config is None:  # RewardTrainer's default config, made here so that it can be checked first
-            from trl.trainer.utils import get_config_model_id
-
-            name = model if isinstance(model, str) else get_config_model_id(model.config)
-            config = arguments["args"] = RewardConfig(f"{name.split('/')[-1]}-Reward")
+        model, config = arguments.get("model"), arguments["args"]
         _check_config(config)
         # as PrefixShareDPOTrainer: each process collates its own batches (training and evaluation sets alike)
         config.accelerator_config.dispatch_batches = False
