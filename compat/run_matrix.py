@@ -2,7 +2,7 @@
 """The compatibility matrix: does prefix sharing give the same numbers as the plain model?
 
 Every cell is one (architecture, backend, adapter, packing, dtype). For each cell a tiny random model of
-the architecture is built from its config (prefixshare.tiny), wrapped in the adapter, deep-copied, and the
+the architecture is built from its config (prefixshare.testing), wrapped in the adapter, deep-copied, and the
 COPY is patched with ``prefixshare.patch(copy, backend=...)``. Then
 :func:`prefixshare.testing.compare_with_alone` compares
 
@@ -14,7 +14,7 @@ unpatched reference. The error is normwise relative, ``max |x - ref| / max |ref|
 gradients.
 
 Axes:
-    architecture  llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3 (prefixshare.tiny)
+    architecture  llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3 (prefixshare.testing)
     backend       eager, sdpa, flex_attention, varlen
     adapter       full (every parameter trainable), lora (peft LoRA, r=4, non-zero B), qlora (the tiny
                   checkpoint saved and loaded back in 4-bit NF4 with bitsandbytes, then LoRA)
@@ -58,11 +58,10 @@ except ImportError:  # run from a checkout that is not installed
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     import prefixshare
 
-from prefixshare._compat import DTYPE_KWARG
-from prefixshare._machine import describe_machine
+from prefixshare.tools.machine import describe_machine
 from prefixshare.collators import PairedCollator, PrefixShareCollator
 from prefixshare.testing import compare_with_alone, random_examples
-from prefixshare.tiny import ARCHITECTURE_NAMES, tiny_config, tiny_model
+from prefixshare.testing import ARCHITECTURE_NAMES, tiny_config, tiny_model
 
 # ---------------------------------------------------------------------------------------------- the axes
 ARCHITECTURES = ARCHITECTURE_NAMES
@@ -264,7 +263,7 @@ def load_4bit(architecture: str, kernel: str, dtype: torch.dtype, settings: Sett
         quantization_config=quantization,
         attn_implementation=kernel,
         device_map={"": settings.device},
-        **{DTYPE_KWARG: dtype},
+        dtype=dtype,
     )
     return keep_bnb_default_path(model).eval()
 
@@ -445,7 +444,7 @@ def default_device() -> str:
 
 # ---------------------------------------------------------------------------------------------- every architecture
 # The breadth matrix: every decoder-only causal LM of the installed transformers (AutoModelForCausalLM's mapping),
-# each built tiny from its config alone (prefixshare.tiny.tiny_model_of), patched by prefixshare.patch(model,
+# each built tiny from its config alone (prefixshare.testing.tiny_model_of), patched by prefixshare.patch(model,
 # backend=...) with no opt-in, and compared with every prompt+response run alone through the unpatched model
 # (eager), log-probs and gradients, for K responses per prompt, unpacked and packed, full fine-tuning and (dense
 # models) LoRA on every linear layer. A model patch() refuses is reported with patch's own message.
@@ -505,7 +504,7 @@ def _is_moe(config) -> bool:
 
 def _alone_and_grads(reference, examples) -> tuple[torch.Tensor, dict]:
     """Log-probs of every prompt+response run alone, and the gradients of sum(w * logps) (fixed random w)."""
-    from prefixshare.testing import _loss_weights, _trainable_grads, logps_alone
+    from prefixshare.testing.exactness import _loss_weights, _trainable_grads, logps_alone
 
     reference.zero_grad(set_to_none=True)
     want = logps_alone(reference, examples)
@@ -524,7 +523,7 @@ ENUM_GRADIENT_FLOOR = 1.0
 
 
 def _shared_errors(patched, examples, collator, want, want_grads) -> tuple[float, float, str]:
-    from prefixshare.testing import _loss_weights, _trainable_grads, align_gradients, gradient_error, relative_error
+    from prefixshare.testing.exactness import _loss_weights, _trainable_grads, align_gradients, gradient_error, relative_error
 
     patched.zero_grad(set_to_none=True)
     got = prefixshare.response_logps(patched, collator(examples)).logps
@@ -598,7 +597,7 @@ def _describe(error: BaseException) -> str:
 def check_architecture(model_type: str, settings: Settings, *, lora: bool = True, backends=ENUM_BACKENDS) -> ArchitectureResult:
     """The breadth-matrix row of one model type: exact, refused (patch's reason), not built (why), or FAIL/ERROR."""
     from prefixshare.structure import attention_features
-    from prefixshare.tiny import tiny_model_of
+    from prefixshare.testing import tiny_model_of
 
     result = ArchitectureResult(model_type)
     start = time.perf_counter()
@@ -688,7 +687,7 @@ def _check_built(base, result: ArchitectureResult, settings: Settings, lora: boo
 
 def run_enumeration(model_types=None, settings: Settings | None = None, log=print, **options) -> list[ArchitectureResult]:
     """:func:`check_architecture` for ``model_types`` (default: every causal LM of the installed transformers)."""
-    from prefixshare.tiny import causal_lm_model_types
+    from prefixshare.testing import causal_lm_model_types
 
     settings = settings or Settings(device=default_device())
     threads = torch.get_num_threads()
@@ -832,7 +831,7 @@ def render_markdown(cells: list[Cell], command: str, device: str, seconds: float
         f"**Tolerance**: float32 `{_tol(f32[0])}` on both. bfloat16 `{_tol(bf16[0])}` on log-probs and "
         f"`{_tol(bf16[1])}` on gradients. " + BF16_RATIONALE,
         "",
-        "**Models**: tiny random models built from configs (`prefixshare.tiny`: 2 layers, Gemma3 6; sliding "
+        "**Models**: tiny random models built from configs (`prefixshare.testing`: 2 layers, Gemma3 6; sliding "
         "windows of 8 tokens, Gemma2's softcaps, grouped-query attention). The reference of a cell is its "
         "model before patching; the patched model is a deep copy of it, patched. The reference runs with "
         "the backend's own kernel (eager, sdpa); for `flex_attention` it runs eager (transformers' own "
@@ -912,7 +911,7 @@ def render_breadth_markdown(results: list[ArchitectureResult], seconds: float) -
         f"## Every causal LM of transformers {transformers.__version__}",
         "",
         f"Every model type in `AutoModelForCausalLM`'s mapping ({len(results)}), built tiny from its config class "
-        "alone (`prefixshare.tiny.tiny_model_of`: the class's defaults with every size field shrunk to 2 layers "
+        "alone (`prefixshare.testing.tiny_model_of`: the class's defaults with every size field shrunk to 2 layers "
         "or as many as it takes to hold each kind of layer of the default pattern, hidden 64, vocabulary 96, "
         "weights of std 0.1; sliding windows of 8 tokens where the class has them), then "
         "`prefixshare.patch(model, backend=...)` with no opt-in. An architecture is **exact** when every cell "

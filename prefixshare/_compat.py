@@ -14,17 +14,10 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 TRANSFORMERS_VERSION = Version(transformers.__version__)
-IS_TRANSFORMERS_5 = TRANSFORMERS_VERSION.major >= 5
-
-# from_pretrained / from_config keyword for the parameter dtype: `dtype` since 4.56 (4.57 warns once that
-# `torch_dtype` is deprecated; 5.x drops it)
-DTYPE_KWARG = "dtype" if TRANSFORMERS_VERSION >= Version("4.56") else "torch_dtype"
 
 __all__ = [
     "ALL_ATTENTION_FUNCTIONS",
     "ALL_MASK_ATTENTION_FUNCTIONS",
-    "DTYPE_KWARG",
-    "IS_TRANSFORMERS_5",
     "TRANSFORMERS_VERSION",
     "enable_gradient_checkpointing",
     "get_attn_implementation",
@@ -38,7 +31,7 @@ __all__ = [
 
 def rope_config_kwargs(rope_type: str = "default", rope_theta: float = 10000.0, **values) -> dict:
     """Config keywords for a RoPE setting: 5.x takes ``rope_parameters``; 4.57 ``rope_scaling`` and ``rope_theta``."""
-    if IS_TRANSFORMERS_5:
+    if TRANSFORMERS_VERSION.major >= 5:
         return {"rope_parameters": {"rope_type": rope_type, "rope_theta": rope_theta, **values}}
     return {"rope_scaling": {"type": rope_type, "rope_type": rope_type, **values}, "rope_theta": rope_theta}
 

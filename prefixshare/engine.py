@@ -15,7 +15,8 @@ per-token statistics, so at most one ``[chunk, V]`` block exists at a time, in f
 * LM head trainable (full fine-tuning, tied embeddings, a LoRA adapter on ``lm_head``): each chunk runs
   under ``torch.utils.checkpoint``; its backward recomputes that chunk's LM head call (one extra
   ``[chunk, H] x [H, V]`` matmul per chunk) and writes the gradient of the logits into the recomputed
-  block in place.
+  block in place; each chunk's ``[V, H]`` weight gradient is summed into the weight's by autograd (one
+  more ``[V, H]`` block at a time).
 
 The LM head is called as a module, so peft adapters on it, FSDP/ZeRO-3 parameter gathering (their module
 hooks) and mixed-precision autocast keep working. Every model forward of the engine goes through
@@ -46,19 +47,22 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from ._compat import text_config
-from .logps import ResponseLogps, _input_ids_of, _layout_of, sum_per_response, token_index_of
+from .layout import input_ids_of, layout_of
+from .logps import ResponseLogps, sum_per_response, token_index_of
 from .patch import expect_layout_applied
-from .structure import unwrap_model as _unwrap
+from .structure import unwrap_model
 
 __all__ = ["STATS", "LogitProcessing", "ResponseLogps", "logit_processing", "response_logps"]
 
-STATS = ("entropy", "logsumexp", "argmax_match", "mean_logit")
+STATS = ("entropy", "logsumexp", "argmax_match", "mean_logit", "log_sum_sq_probs")
 """Per-token statistics :func:`response_logps` can compute in its chunk pass (float32, no gradient):
 
 * ``entropy``: ``-sum_v p_v log p_v`` of the token's predictive distribution;
 * ``logsumexp``: ``log sum_v exp(z_v)`` of the (processed, float32) logits ``z``;
 * ``argmax_match``: 1.0 where the first maximal logit is the target token, else 0.0;
-* ``mean_logit``: the mean of ``z`` over the vocabulary.
+* ``mean_logit``: the mean of ``z`` over the vocabulary;
+* ``log_sum_sq_probs``: ``log sum_v p_v^2`` (the log-probability that two samples of the token's
+  distribution agree; WPO's weights divide each token's probability by it).
 """
 
 DEFAULT_BLOCK_ELEMENTS = 2**25
@@ -66,8 +70,9 @@ DEFAULT_BLOCK_ELEMENTS = 2**25
 32 to 1024 rows: 1024 rows at a 32k vocabulary, 256 at 128k, 128 at 262k."""
 
 # Inside a chunk, the float32 temporaries of the log-softmax (and of the statistics) are made for
-# 1/_SUB_BLOCKS of its rows at a time, so they add at most a fraction of a block.
-_SUB_BLOCKS = 8
+# 1/_SUB_BLOCKS of its rows at a time, so they add at most a fraction of a block (smaller sub-blocks
+# make the softmax kernels measurably slower on CPU).
+_SUB_BLOCKS = 4
 
 # How many rows the self-check of the final logit processing feeds through the model's own forward.
 _PROBE_ROWS = 2
@@ -148,7 +153,7 @@ _FINAL_LOGITS: dict[str, Callable[[object], LogitProcessing]] = {
 
 def logit_processing(model) -> LogitProcessing:
     """The final logit processing of ``model``'s forward (a transformers model, or peft/DDP/FSDP around one)."""
-    inner = _unwrap(model)
+    inner = unwrap_model(model)
     config = getattr(inner, "config", None)
     rule = _FINAL_LOGITS.get(getattr(config, "model_type", None))
     return rule(text_config(config)) if rule is not None else LogitProcessing()
@@ -163,7 +168,7 @@ def _verification_key(processing: LogitProcessing, dtype: torch.dtype):
 
 
 def _is_verified(model, key) -> bool:
-    return key in _unwrap(model).__dict__.get("_prefixshare_verified_logits", ())
+    return key in unwrap_model(model).__dict__.get("_prefixshare_verified_logits", ())
 
 
 def _verify_processing(model, processing: LogitProcessing, raw: torch.Tensor, returned, key) -> None:
@@ -175,7 +180,7 @@ def _verify_processing(model, processing: LogitProcessing, raw: torch.Tensor, re
     orders of magnitude larger, and a step done in another dtype (a softcap before or after an upcast)
     differs by the coarser dtype's rounding, far above the finer one's ulps.
     """
-    name = type(_unwrap(model)).__name__
+    name = type(unwrap_model(model)).__name__
     mine = processing.apply(raw.detach())
     if not isinstance(returned, torch.Tensor) or tuple(returned.shape) != tuple(mine.shape):
         got = tuple(returned.shape) if isinstance(returned, torch.Tensor) else type(returned).__name__
@@ -200,23 +205,23 @@ def _verify_processing(model, processing: LogitProcessing, raw: torch.Tensor, re
         raise LogitProcessingMismatch(
             f"prefixshare.response_logps: {name}'s forward processes the LM head's output differently from "
             f"the final logit processing prefixshare applies for model_type "
-            f"{getattr(_unwrap(model).config, 'model_type', None)!r} ({processing}): relative difference "
+            f"{getattr(unwrap_model(model).config, 'model_type', None)!r} ({processing}): relative difference "
             f"{error:.3g} > {tolerance:.3g} on the same rows. Its log-probs would be wrong, so none are returned; "
             "use prefixshare.gather_response_logps(model(**batch).logits, batch) for this model"
         )
-    _unwrap(model).__dict__.setdefault("_prefixshare_verified_logits", set()).add(key)
+    unwrap_model(model).__dict__.setdefault("_prefixshare_verified_logits", set()).add(key)
 
 
 # ================================================================================================ the forward
 def _run_model(model, inputs):
     """The one place where the engine runs a model forward (``model(**inputs)``); it raises
     :class:`~prefixshare.LayoutNotAppliedError` unless every attention layer applied the batch's layout."""
-    with expect_layout_applied(model, _layout_of(inputs)):
+    with expect_layout_applied(model, layout_of(inputs)):
         return model(**inputs)
 
 
 def _output_embeddings(model) -> torch.nn.Module:
-    inner = _unwrap(model)
+    inner = unwrap_model(model)
     get = getattr(inner, "get_output_embeddings", None)
     head = get() if callable(get) else None
     if not isinstance(head, torch.nn.Module):
@@ -247,7 +252,7 @@ def _forward_to_head(model, batch, head: torch.nn.Module, processing: LogitProce
     so it is called once, on all ``T`` rows, and its ``[T, V]`` output is captured; the model's own final
     processing then sees only the probe rows.
     """
-    layout = _layout_of(batch)
+    layout = layout_of(batch)
     state: dict = {"calls": 0}
 
     def narrow(module, args, kwargs):
@@ -288,7 +293,7 @@ def _forward_to_head(model, batch, head: torch.nn.Module, processing: LogitProce
     finally:
         for handle in handles:
             handle.remove()
-    name = type(_unwrap(model)).__name__
+    name = type(unwrap_model(model)).__name__
     if state["calls"] != 1:
         raise ValueError(
             f"prefixshare.response_logps: the forward of {name} called its LM head ({type(head).__name__}) "
@@ -403,53 +408,50 @@ _OUTPUT_NOT_SAVED = {
 class _LogSoftmaxGather(torch.autograd.Function):
     """``[c, V]`` LM head output -> ``[c]`` float32 log p(target), with the final processing fused in.
 
-    Forward: ``z = processing(logits).float()`` and the log-softmax are formed for ``c / 8`` rows at a time,
+    Forward: ``z = processing(logits).float()`` and its log-softmax are formed for ``c / 4`` rows at a time,
     so only a fraction of a block is added to the LM head's output; the statistics come from the same ``z``.
     Backward: ``dz = g * (onehot - softmax(z))`` (through the processing by autograd on the same operations)
-    for ``c / 8`` rows at a time, written into the saved LM head output when nothing else holds it.
+    for ``c / 4`` rows at a time, written into the saved LM head output when nothing else holds it.
     """
 
     @staticmethod
     def forward(ctx, logits, targets, processing: LogitProcessing, sink: _StatSink | None, offset: int):
         rows = logits.shape[0]
         out = torch.empty(rows, dtype=torch.float32, device=logits.device)
-        lse = torch.empty_like(out)
         write_stats = sink is not None and sink.active
         step = _sub_blocks(rows)
         for start in range(0, rows, step):
             block = slice(start, start + step)
             z = processing.apply(logits[block]).float()
             t = targets[block].unsqueeze(-1)
-            m = z.amax(-1, keepdim=True)
-            shifted = z - m  # the one float32 temporary of this sub-block (plus exp below)
-            e = shifted.exp()
-            log_s = e.sum(-1, keepdim=True).log_()
-            out[block] = (shifted.gather(-1, t) - log_s).squeeze(-1)
-            lse[block] = (m + log_s).squeeze(-1)
+            log_p = torch.log_softmax(z, dim=-1)  # the one float32 temporary of this sub-block
+            out[block] = log_p.gather(-1, t).squeeze(-1)
             if write_stats:
                 at = offset + start
-                if "entropy" in sink.values:
-                    # softmax . log_softmax, without a third [rows, V] temporary
-                    p = e.div_(e.sum(-1, keepdim=True))
-                    log_p = shifted.sub_(log_s)
-                    sink.write("entropy", at, -torch.bmm(p.unsqueeze(1), log_p.unsqueeze(2)).view(-1))
-                sink.write("logsumexp", at, lse[block])
+                if "logsumexp" in sink.values:  # at the maximum, z - log_p is max + log(sum exp(z - max)) exactly
+                    sink.write("logsumexp", at, z.amax(-1) - log_p.amax(-1))
                 if "mean_logit" in sink.values:
                     sink.write("mean_logit", at, z.mean(-1))
+                if "log_sum_sq_probs" in sink.values:  # log sum_v p_v^2 = logsumexp(2 log p)
+                    sink.write("log_sum_sq_probs", at, torch.logsumexp(2.0 * log_p, dim=-1))
                 if "argmax_match" in sink.values:
                     # argmax: the first maximum, as TRL counts. argmax takes a nan for the maximum, while TRL's
                     # comparisons with a nan are false: a nan target logit is a miss, as there
-                    target_logit = z.gather(-1, targets[block, None]).squeeze(-1)
+                    target_logit = z.gather(-1, t).squeeze(-1)
                     hit = (z.argmax(-1) == targets[block]) & ~target_logit.isnan()
                     sink.write("argmax_match", at, hit.float())
-            del z, shifted, e
+                if "entropy" in sink.values:  # -softmax . log_softmax, without a third [rows, V] temporary
+                    p = log_p.exp()
+                    sink.write("entropy", at, -torch.bmm(p.unsqueeze(1), log_p.unsqueeze(2)).view(-1))
+                    del p
+            del z, log_p
         ctx.processing = processing
-        ctx.save_for_backward(logits, targets, lse)
+        ctx.save_for_backward(logits, targets)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        logits, targets, lse = ctx.saved_tensors
+        logits, targets = ctx.saved_tensors
         processing = ctx.processing
         if grad is None or not ctx.needs_input_grad[0]:
             return None, None, None, None, None
@@ -459,17 +461,19 @@ class _LogSoftmaxGather(torch.autograd.Function):
         step = _sub_blocks(logits.shape[0])
         for start in range(0, logits.shape[0], step):
             block = slice(start, start + step)
-            g = grad[block].unsqueeze(-1)
-            if processing.is_identity:
-                dz = (logits[block].float() - lse[block].unsqueeze(-1)).exp_()  # softmax
-                dz.mul_(-g).scatter_add_(-1, targets[block].unsqueeze(-1), g)
-                result[block] = dz  # cast to the logits' dtype
+            g, t = grad[block].unsqueeze(-1), targets[block].unsqueeze(-1)
+            if processing.is_identity and logits.dtype == torch.float32:
+                dz = torch.softmax(logits[block], dim=-1)  # read before the block is overwritten below
+                torch.mul(dz, -g, out=result[block])
+                result[block].scatter_add_(-1, t, g)
+            elif processing.is_identity:
+                dz = torch.softmax(logits[block].float(), dim=-1)
+                result[block] = dz.mul_(-g).scatter_add_(-1, t, g)  # cast to the logits' dtype
             else:
                 with torch.enable_grad():
                     x = logits[block].detach().requires_grad_(True)
                     z = processing.apply(x).float()
-                    dz = (z.detach() - lse[block].unsqueeze(-1)).exp_()
-                    dz.mul_(-g).scatter_add_(-1, targets[block].unsqueeze(-1), g)
+                    dz = torch.softmax(z.detach(), dim=-1).mul_(-g).scatter_add_(-1, t, g)
                     (dx,) = torch.autograd.grad(z, x, dz)
                 result[block] = dx
             del dz
@@ -511,7 +515,7 @@ def _has_foreign_hooks(head: torch.nn.Module) -> bool:
     )  # fmt: skip
 
 
-def _fused_token_logps(
+def fused_token_logps(
     head: torch.nn.Module,
     rows: torch.Tensor,
     targets: torch.Tensor,
@@ -575,7 +579,7 @@ def default_chunk_size(vocab_size: int) -> int:
 
 
 def _vocab_size(model, head) -> int:
-    vocab = getattr(text_config(getattr(_unwrap(model), "config", None)), "vocab_size", None)
+    vocab = getattr(text_config(getattr(unwrap_model(model), "config", None)), "vocab_size", None)
     return int(vocab or getattr(head, "out_features", 0) or 32000)
 
 
@@ -636,15 +640,15 @@ def response_logps(model, batch, *, per_token: bool = False, stats=(), chunk_siz
         _verify_processing(model, processing, captured.probe_raw, captured.probe_returned, captured.key)
 
     rows = captured.rows
-    layout = _layout_of(batch).to(rows.device)
-    targets = _input_ids_of(batch, None).to(rows.device).reshape(-1)[layout.target_index]
+    layout = layout_of(batch).to(rows.device)
+    targets = input_ids_of(batch, None).to(rows.device).reshape(-1)[layout.target_index]
     chunk = chunk_size or default_chunk_size(_vocab_size(model, head))
     if captured.logits is not None:
         token_logps, token_stats = _chunked_logits_logps(captured.logits, targets, processing, chunk, stats)
     else:
         head_trainable = any(p.requires_grad for p in head.parameters())
         with _head_gathered(model, head, keep_gathered=torch.is_grad_enabled() and head_trainable):
-            token_logps, token_stats = _fused_token_logps(head, rows, targets, processing, chunk, stats)
+            token_logps, token_stats = fused_token_logps(head, rows, targets, processing, chunk, stats)
     token_logps = token_logps + captured.link
 
     sums = sum_per_response(token_logps, layout)

@@ -40,10 +40,9 @@ from ._compat import (
 )
 from .architectures import UnsupportedModelError
 from .backends import BACKENDS, FEATURES
-from .collators import LAYOUT_KEY
+from .layout import LAYOUT_KEY
 from .structure import (
     attention_features,
-    attention_layer_type,
     attention_problems,
     mask_only_window,
     text_attention_modules,
@@ -666,6 +665,7 @@ def unpatch(model):
 
 
 def is_patched(model) -> bool:
+    """Whether the text decoder of ``model`` (or of the transformers model inside its wrappers) is patched."""
     inner = unwrap_model(model)
     return any(_parse(get_attn_implementation(c)) for c in _decoder_configs(inner))
 
@@ -679,6 +679,3 @@ def patched_backend(model) -> str | None:
             return parsed[0]
     return None
 
-
-# kept for the modules that imported the old private name
-_unwrap = unwrap_model

@@ -20,7 +20,7 @@ import torch
 from .architectures import UnsupportedModelError
 from .collators import PrefixShareCollator
 from .structure import eval_mode, text_attention_modules, unwrap_model
-from .testing import gradient_error
+from .testing.exactness import gradient_error
 
 # normwise relative error allowed between the prefix-shared and the alone run, by the model's dtype: the two
 # runs sum in different orders (different shapes), nothing more; a leak between responses is far larger

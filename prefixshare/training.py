@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .collators import LAYOUT_KEY
+from .layout import LAYOUT_KEY
 from .engine import response_logps
 from .losses import LOSSES, REFERENCE_FREE, preference_loss
 from .moe import capture_router_logits, load_balancing_loss, moe_routing
@@ -29,7 +29,7 @@ from .reference import (
     DISABLE_ADAPTERS,
     PRECOMPUTED,
     REFERENCE_LOGPS_KEY,
-    _check_patched,
+    check_patched,
     model_inputs,
     reference_logps,
 )
@@ -86,7 +86,7 @@ def preference_step(
             f"expected a batch from PrefixShareCollator or PairedCollator (a mapping with {LAYOUT_KEY!r}), "
             f"got {type(batch).__name__}"
         )
-    _check_patched(model, "policy model")
+    check_patched(model, "policy model")
     layout = batch[LAYOUT_KEY]
     if layout.num_responses != 2:
         raise ValueError(

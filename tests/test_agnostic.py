@@ -3,7 +3,7 @@
 windows that live only in the model's mask, multipliers and scales), each exact against runs alone in eager and
 sdpa, or refused with a reason that names the layer and the feature.
 
-Tiny models come from ``prefixshare.tiny.tiny_model_of`` (2 layers, hidden 64, vocabulary 96, weights of
+Tiny models come from ``prefixshare.testing.tiny_model_of`` (2 layers, hidden 64, vocabulary 96, weights of
 std 0.1). Architectures missing in the installed transformers (4.57 has no Olmo3, SmolLM3 ...) are skipped.
 
 On the main this branch started from (096dc77) every family here but the seven listed ones raised
@@ -25,7 +25,7 @@ from prefixshare import PrefixShareCollator, SelfCheckError, UnsupportedModelErr
 from prefixshare.backends import BACKENDS
 from prefixshare.structure import attention_features, text_attention_modules
 from prefixshare.testing import compare_with_alone, random_examples
-from prefixshare.tiny import tiny_model_of
+from prefixshare.testing import tiny_model_of
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
@@ -242,7 +242,7 @@ def _vision_language(model_type: str):
 
     if model_type not in CONFIG_MAPPING_NAMES:
         pytest.skip(f"transformers has no {model_type} here")
-    from prefixshare.tiny import tiny_config_of
+    from prefixshare.testing import tiny_config_of
 
     model_class = getattr(transformers, MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES[model_type])
     torch.manual_seed(0)

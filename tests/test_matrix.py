@@ -19,7 +19,7 @@ import torch
 
 import prefixshare
 from prefixshare.layout import PrefixShareLayout
-from prefixshare.tiny import ARCHITECTURE_NAMES, tiny_model
+from prefixshare.testing import ARCHITECTURE_NAMES, tiny_model
 
 pytest.importorskip("peft")
 pytest.importorskip("bitsandbytes")
@@ -228,7 +228,7 @@ BREADTH_FAST = {
 
 
 def _available(model_type):
-    from prefixshare.tiny import causal_lm_model_types
+    from prefixshare.testing import causal_lm_model_types
 
     return model_type in causal_lm_model_types()
 
@@ -240,12 +240,12 @@ REFUSED_IN_4 = {"gpt2": "do not pass their keyword arguments", "qwen2_moe": "Att
 
 @pytest.mark.parametrize("model_type", list(BREADTH_FAST))
 def test_breadth_representatives(model_type):
-    from prefixshare._compat import IS_TRANSFORMERS_5
+    from prefixshare._compat import TRANSFORMERS_VERSION
 
     if not _available(model_type):
         pytest.skip(f"transformers has no {model_type} here")
     result = rm.check_architecture(model_type, rm.Settings(device="cpu"))
-    if not IS_TRANSFORMERS_5 and model_type in REFUSED_IN_4:
+    if TRANSFORMERS_VERSION.major < 5 and model_type in REFUSED_IN_4:
         assert result.status == rm.REFUSED and REFUSED_IN_4[model_type] in result.reason, result
         return
     assert result.status == BREADTH_FAST[model_type], (result.status, result.reason)
@@ -279,7 +279,7 @@ def test_default_initialization_can_hide_a_leak():
     the same way, towards the float32 noise (the matrix requires 1e-3 from the whole leak, on every exact one)."""
     import copy
 
-    from prefixshare.tiny import tiny_model_of
+    from prefixshare.testing import tiny_model_of
 
     errors = {}
     for std in (0.02, 0.1):

@@ -16,7 +16,7 @@ import prefixshare
 from prefixshare import PairedCollator, PrefixShareCollator, patch
 from prefixshare.moe import capture_router_logits, load_balancing_loss, moe_routing, router_aux_loss_coef
 from prefixshare.testing import random_examples
-from prefixshare.tiny import tiny_model, tiny_model_of
+from prefixshare.testing import tiny_model, tiny_model_of
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 

@@ -30,8 +30,9 @@ from prefixshare import (
     response_logps,
     split_logps,
 )
+from prefixshare.reference import reference_logps
 from prefixshare.testing import logps_alone, random_examples, relative_error
-from prefixshare.tiny import tiny_model
+from prefixshare.testing import tiny_model
 
 VOCAB = 96
 PAD = 0
@@ -105,7 +106,7 @@ def test_policy_patched_reference_not():
     with pytest.raises(LayoutNotAppliedError):
         split_logps(reference_logits, batch)
     with pytest.raises(ValueError, match="not patched"):
-        prefixshare.reference_logps(reference, batch)
+        reference_logps(reference, batch)
     with pytest.raises(ValueError, match="not patched"):
         prefixshare.preference_step(policy, batch, ref=reference, loss="dpo")
 

@@ -14,9 +14,9 @@ from typing import Sequence
 
 import torch
 
-from .collators import normalize_example
-from .engine import response_logps
-from .logps import token_logps
+from ..collators import normalize_example
+from ..engine import response_logps
+from ..logps import token_logps
 
 
 def random_examples(

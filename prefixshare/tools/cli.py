@@ -13,6 +13,8 @@ def _bench(args) -> int:
     from . import bench
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.memory:
+        return _bench_memory(args, device)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype or ("bfloat16" if device == "cuda" else "float32")]
     shape = args.shape or ("1b" if device == "cuda" else "tiny")
     backends = args.backends.split(",") if args.backends else bench.available_backends(device)
@@ -35,17 +37,51 @@ def _bench(args) -> int:
         profiles, backends=backends, shape=shape, dtype=dtype, device=device, lora=args.lora,
         gradient_checkpointing=args.gradient_checkpointing,
         examples_per_step=args.examples_per_step, steps=args.steps, budget=args.budget,
+        reward_model=args.reward_model,
     )
     table = bench.format_table(result)
     print(table)
     if args.out_dir:
         os.makedirs(args.out_dir, exist_ok=True)
-        name = args.name or f"bench-{result.device.split(':')[0]}-{shape}{'-lora' if args.lora else ''}"
+        name = args.name or (
+            f"bench-{result.device.split(':')[0]}-{shape}{'-rm' if args.reward_model else ''}{'-lora' if args.lora else ''}"
+        )
         stem = os.path.join(args.out_dir, name)
         bench.save(result, stem + ".json", stem + ".png")
         with open(stem + ".md", "w") as f:
             f.write(f"Produced by `prefixshare {' '.join(args.argv)}`.\n\n{table}\n")
         print(f"wrote {stem}.json, {stem}.png, {stem}.md")
+    return 0
+
+
+def _ints(text: str, option: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{option} takes comma-separated positive integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise ValueError(f"{option} takes comma-separated positive integers, got {text!r}")
+    return values
+
+
+def _bench_memory(args, device: str) -> int:
+    from . import bench_memory
+
+    result = bench_memory.run_memory_bench(
+        _ints(args.vocabs, "--vocabs") if args.vocabs else bench_memory.VOCABULARIES,
+        _ints(args.tokens, "--tokens") if args.tokens else bench_memory.TOKENS,
+        hidden_size=args.hidden_size, device=device, dtype=args.dtype or "float32", train_head=args.train_head,
+        memory_limit_gb=args.memory_limit_gb, repeats=args.repeats, threads=args.threads, chunk_size=args.chunk_size,
+    )  # fmt: skip
+    table = bench_memory.format_memory_table(result)
+    print(table)
+    if args.out_dir:
+        os.makedirs(args.out_dir, exist_ok=True)
+        stem = os.path.join(args.out_dir, args.name or f"memory-{result.device.split(':')[0]}")
+        bench_memory.save_memory(result, stem + ".json")
+        with open(stem + ".md", "w") as f:
+            f.write(f"Produced by `prefixshare {' '.join(args.argv)}`.\n\n{table}\n")
+        print(f"wrote {stem}.json, {stem}.md")
     return 0
 
 
@@ -73,10 +109,11 @@ def sentencepiece_tokenizer(model_file: str):
 
 
 def _stats(args) -> int:
-    from .stats import dataset_stats, format_stats, load_preference_file, tokenize_all
+    from ..data import load_preferences, tokenize_preferences
+    from .stats import dataset_stats, format_stats
 
     tokenizer = _load_tokenizer(args.tokenizer)
-    examples = tokenize_all(load_preference_file(args.data, limit=args.limit), tokenizer)
+    examples = tokenize_preferences(tokenizer, load_preferences(args.data, limit=args.limit), progress=True)
     print(format_stats(args.data, dataset_stats(examples, max_tokens_per_row=args.max_tokens_per_row)))
     return 0
 
@@ -96,6 +133,8 @@ def main(argv=None) -> int:
     b.add_argument("--dtype", choices=["float32", "bfloat16"])
     b.add_argument("--device")
     b.add_argument("--lora", action="store_true", help="train LoRA adapters (r=16 on attention projections)")
+    b.add_argument("--reward-model", action="store_true",
+                   help="a sequence-classification reward model (score head, TRL's RewardTrainer) instead of a causal LM")
     b.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute each layer in backward (what an 8b model needs to fit one GPU)")
     b.add_argument("--examples-per-step", type=int, default=8)
@@ -103,7 +142,21 @@ def main(argv=None) -> int:
     b.add_argument("--length-scale", type=float, default=1.0, help="scale the synthetic profiles' lengths (e.g. 0.25 on CPU)")
     b.add_argument("--budget", type=int, help="max_tokens_per_row of the packed formats")
     b.add_argument("--out-dir", help="write JSON, PNG and a markdown table here")
-    b.add_argument("--name", help="file name stem in --out-dir (default: bench-DEVICE-SHAPE[-lora])")
+    b.add_argument("--name", help="file name stem in --out-dir (default: bench-DEVICE-SHAPE[-rm][-lora], memory-DEVICE)")
+    m = b.add_argument_group(
+        "memory mode", "--memory: peak memory of the log-prob stage (hidden states -> log-probs, forward+backward) "
+        "for paired-native, shared [T,V] and shared fused, each cell in its own process"
+    )
+    m.add_argument("--memory", action="store_true", help="run the memory mode instead of the throughput bench")
+    m.add_argument("--vocabs", help="comma-separated vocabulary sizes (default: 32000,128256,262144)")
+    m.add_argument("--tokens", help="comma-separated numbers of response tokens T (default: 512,2048)")
+    m.add_argument("--hidden-size", type=int, default=256, help="hidden size of the LM head (default: 256)")
+    m.add_argument("--train-head", action="store_true", help="a trainable LM head (default: frozen, as with LoRA)")
+    m.add_argument("--memory-limit-gb", type=float, default=8.0,
+                   help="skip cells whose predicted peak exceeds this (default: 8)")
+    m.add_argument("--repeats", type=int, default=2, help="runs per cell; the time is the best (default: 2)")
+    m.add_argument("--threads", type=int, help="OMP_NUM_THREADS of the cells' processes")
+    m.add_argument("--chunk-size", type=int, help="the engine's rows per chunk (default: from the vocabulary size)")
     b.set_defaults(run=_bench)
 
     s = sub.add_parser("stats", help="token counts per format and the predicted speedup of a preference dataset")
