@@ -63,20 +63,35 @@ def _probe_examples(model, seed: int) -> list[dict]:
     ]
 
 
-def _per_token_logps(logits: torch.Tensor, layout, input_ids: torch.Tensor) -> torch.Tensor:
-    """``[T]`` float32 log-probs of every response token, grouped by response in input order."""
+def _has_lm_head(model) -> bool:
+    return isinstance(getattr(model, "get_output_embeddings", lambda: None)(), torch.nn.Module)
+
+
+def _shared_values(model, batch) -> torch.Tensor:
+    """Per response token, grouped by response in input order: ``[T]`` float32 log-probs for a language model;
+    ``[T, H]`` last hidden states for a model without an LM head (a reward model's score head reads them)."""
+    layout, input_ids = batch.layout, batch["input_ids"]
+    order = torch.sort(layout.response_index, stable=True).indices
+    if not _has_lm_head(model):
+        hidden = model(**batch, output_hidden_states=True).hidden_states[-1]
+        return hidden.reshape(-1, hidden.shape[-1])[layout.target_index][order].float()
+    logits = model(**batch).logits
     flat = logits.reshape(-1, logits.shape[-1])
     targets = input_ids.reshape(-1)[layout.target_index]
     values = torch.log_softmax(flat[layout.predictor_index].float(), -1).gather(-1, targets[:, None])[:, 0]
-    return values[torch.sort(layout.response_index, stable=True).indices]
+    return values[order]
 
 
-def _alone_logps(model, examples, device) -> torch.Tensor:
+def _alone_values(model, examples, device) -> torch.Tensor:
+    """The same values, each prompt+response run alone."""
     values = []
     for example in examples:
         prompt = example["prompt_input_ids"]
         for response in example["responses_input_ids"]:
             ids = torch.tensor([prompt + response], device=device)
+            if not _has_lm_head(model):
+                values.append(model(input_ids=ids, use_cache=False, output_hidden_states=True).hidden_states[-1][0, len(prompt) :].float())
+                continue
             logits = model(input_ids=ids, use_cache=False).logits[0]
             values.append(torch.log_softmax(logits[len(prompt) - 1 : -1].float(), -1).gather(-1, ids[0, len(prompt) :, None])[:, 0])
     return torch.cat(values)
@@ -176,11 +191,11 @@ def self_check(model, *, seed: int = 0) -> dict[str, float]:
     distributed = any(type(p).__name__ == "DTensor" for _, p in parameters)
     with eval_mode(inner), _bitsandbytes_default_path(inner):
         with torch.no_grad():
-            alone = _alone_logps(inner, examples, device)
+            alone = _alone_values(inner, examples, device)
         for rows in (None, longest * len(examples)):
             batch = PrefixShareCollator(0, max_tokens_per_row=rows)(examples).to(device)
             with torch.no_grad():
-                shared = _per_token_logps(inner(**batch).logits, batch.layout, batch["input_ids"])
+                shared = _shared_values(inner, batch)
             error = _relative_error(shared, alone)
             errors["logps" if rows is None else "logps_packed"] = error
             if not error <= tolerance:
@@ -199,13 +214,14 @@ def self_check(model, *, seed: int = 0) -> dict[str, float]:
             batch = PrefixShareCollator(0, max_tokens_per_row=longest * len(examples))(examples).to(device)
             weights = torch.randn(len(alone), generator=torch.Generator().manual_seed(seed + 1)).to(device)
             try:
-                shared = _per_token_logps(inner(**batch).logits, batch.layout, batch["input_ids"])
+                shared = _shared_values(inner, batch)
             except NotImplementedError as error:
                 if "no backward pass on CPU" not in str(error):
                     raise
                 return errors  # FlexAttention on CPU runs forward only: its gradients cannot be computed here
+            weights = weights.view(-1, *[1] * (shared.dim() - 1))
             got = torch.autograd.grad((shared * weights).sum(), tensors, allow_unused=True)
-            want = torch.autograd.grad((_alone_logps(inner, examples, device) * weights).sum(), tensors, allow_unused=True)
+            want = torch.autograd.grad((_alone_values(inner, examples, device) * weights).sum(), tensors, allow_unused=True)
             # each parameter on the larger of its own scale and a tenth of the largest gradient entry (see
             # prefixshare.testing.gradient_error: a key bias's true gradient is zero, its computed one noise)
             missing = [name for (name, _), g, w in zip(parameters, got, want) if w is not None and g is None]
