@@ -35,8 +35,8 @@ for step in "$@"; do
     case $step in
         kernels) command=(python3 -m pytest -q -p no:cacheprovider -rs tests/test_varlen.py tests/test_flex.py) ;;
         matrix) command=(python3 compat/run_matrix.py --adapter full,lora --out "$out/MATRIX.md" --json "$out/matrix.json") ;;
-        bench-1b) command=(python3 -m prefixshare.cli bench --shape 1b --gradient-checkpointing --out-dir "$out" ${BENCH_ARGS:-}) ;;
-        bench-8b) command=(python3 -m prefixshare.cli bench --shape 8b --lora --gradient-checkpointing --out-dir "$out" ${BENCH_ARGS:-}) ;;
+        bench-1b) command=(python3 -m prefixshare bench --shape 1b --gradient-checkpointing --out-dir "$out" ${BENCH_ARGS:-}) ;;
+        bench-8b) command=(python3 -m prefixshare bench --shape 8b --lora --gradient-checkpointing --out-dir "$out" ${BENCH_ARGS:-}) ;;
         *) echo "unknown step $step (kernels, matrix, bench-1b, bench-8b)" >&2; exit 2 ;;
     esac
     echo "== $step: ${command[*]}"

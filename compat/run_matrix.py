@@ -2,7 +2,7 @@
 """The compatibility matrix: does prefix sharing give the same numbers as the plain model?
 
 Every cell is one (architecture, backend, adapter, packing, dtype). For each cell a tiny random model of
-the architecture is built from its config (prefixshare.tiny), wrapped in the adapter, deep-copied, and the
+the architecture is built from its config (prefixshare.testing), wrapped in the adapter, deep-copied, and the
 COPY is patched with ``prefixshare.patch(copy, backend=...)``. Then
 :func:`prefixshare.testing.compare_with_alone` compares
 
@@ -14,7 +14,7 @@ unpatched reference. The error is normwise relative, ``max |x - ref| / max |ref|
 gradients.
 
 Axes:
-    architecture  llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3 (prefixshare.tiny)
+    architecture  llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3 (prefixshare.testing)
     backend       eager, sdpa, flex_attention, varlen
     adapter       full (every parameter trainable), lora (peft LoRA, r=4, non-zero B), qlora (the tiny
                   checkpoint saved and loaded back in 4-bit NF4 with bitsandbytes, then LoRA)
@@ -35,6 +35,7 @@ The exit status is 1 when a cell that ran failed, so CI can call the script dire
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -57,11 +58,10 @@ except ImportError:  # run from a checkout that is not installed
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     import prefixshare
 
-from prefixshare._compat import DTYPE_KWARG
-from prefixshare._machine import describe_machine
+from prefixshare.tools.machine import describe_machine
 from prefixshare.collators import PairedCollator, PrefixShareCollator
 from prefixshare.testing import compare_with_alone, random_examples
-from prefixshare.tiny import ARCHITECTURE_NAMES, tiny_config, tiny_model
+from prefixshare.testing import ARCHITECTURE_NAMES, tiny_config, tiny_model
 
 # ---------------------------------------------------------------------------------------------- the axes
 ARCHITECTURES = ARCHITECTURE_NAMES
@@ -263,7 +263,7 @@ def load_4bit(architecture: str, kernel: str, dtype: torch.dtype, settings: Sett
         quantization_config=quantization,
         attn_implementation=kernel,
         device_map={"": settings.device},
-        **{DTYPE_KWARG: dtype},
+        dtype=dtype,
     )
     return keep_bnb_default_path(model).eval()
 
@@ -352,7 +352,9 @@ def _run_group(architecture, backend, adapter, dtype_name, packings, examples, s
     try:
         reference = build_reference(architecture, backend, adapter, dtype, settings)
         patched = clone(reference, lambda: build_reference(architecture, backend, adapter, dtype, settings))
-        prefixshare.patch(patched, backend=backend)
+        # the matrix's own comparison is the check here (its negative controls break the rule on purpose, which
+        # patch's self-check would refuse first); the self-check has tests of its own
+        prefixshare.patch(patched, backend=backend, verify=False)
         if prefixshare.is_patched(reference):
             return finish(FAIL, "patching the copy also patched the reference")
         if prefixshare.patched_backend(patched) != backend:
@@ -438,6 +440,268 @@ def run_matrix(
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# ---------------------------------------------------------------------------------------------- every architecture
+# The breadth matrix: every decoder-only causal LM of the installed transformers (AutoModelForCausalLM's mapping),
+# each built tiny from its config alone (prefixshare.testing.tiny_model_of), patched by prefixshare.patch(model,
+# backend=...) with no opt-in, and compared with every prompt+response run alone through the unpatched model
+# (eager), log-probs and gradients, for K responses per prompt, unpacked and packed, full fine-tuning and (dense
+# models) LoRA on every linear layer. A model patch() refuses is reported with patch's own message.
+ENUM_BACKENDS = ("eager", "sdpa")
+ENUM_RESPONSES = (2, 4)
+ENUM_PACKINGS = ("unpacked", "packed")
+# a leak must be visible: with a rule that lets the rejected response see the chosen one, the log-probs or the
+# gradients of the tiny model must move by at least this much (100 times the tolerance), or the comparison could
+# not tell exact from leaky on it
+LEAK_VISIBLE = 1e-3
+
+EXACT = "exact"
+REFUSED = "refused"
+NOT_BUILT = "not built"
+# states FAIL and ERROR as above
+
+
+@dataclass
+class ArchitectureResult:
+    """One model type of the breadth matrix. ``cells``: one dict per (backend, adapter, K, packing) that ran, with
+    ``logps_error`` / ``grad_error``; ``refusals``: backend -> patch's message for a backend it refused."""
+
+    model_type: str
+    model_class: str = ""
+    status: str = NOT_RUN
+    reason: str = ""
+    features: list = field(default_factory=list)
+    moe: bool = False
+    cells: list = field(default_factory=list)
+    refusals: dict = field(default_factory=dict)
+    leak_error: float | None = None
+    leak_grad_error: float | None = None
+    seconds: float = 0.0
+
+    @property
+    def worst(self) -> tuple[float | None, float | None]:
+        logps = [c["logps_error"] for c in self.cells if c.get("logps_error") is not None]
+        grads = [c["grad_error"] for c in self.cells if c.get("grad_error") is not None]
+        return (max(logps) if logps else None, max(grads) if grads else None)
+
+
+def _is_moe(config) -> bool:
+    """Whether the text config (or a sub-dict of it, as DBRX's ffn_config) routes tokens to several experts."""
+    from prefixshare._compat import text_config
+
+    names = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+
+    def found(values: dict) -> bool:
+        return any(
+            (k in names and isinstance(v, int) and not isinstance(v, bool) and v > 1)
+            or (isinstance(v, dict) and found(v))
+            for k, v in values.items()
+        )
+
+    return found(text_config(config).to_dict())
+
+
+def _alone_and_grads(reference, examples) -> tuple[torch.Tensor, dict]:
+    """Log-probs of every prompt+response run alone, and the gradients of sum(w * logps) (fixed random w)."""
+    from prefixshare.testing.exactness import _loss_weights, _trainable_grads, logps_alone
+
+    reference.zero_grad(set_to_none=True)
+    want = logps_alone(reference, examples)
+    (want * _loss_weights(want.shape).to(want.device)).sum().backward()
+    return want.detach(), _trainable_grads(reference)
+
+
+# The breadth matrix's gradient error is the normwise relative error of the whole gradient, every trainable
+# parameter as one vector: max |g - w| / max |w| (prefixshare.testing.gradient_error with floor 1); a parameter
+# whose gradient is missing or extra fails on its own. A per-parameter measure divides float32 rounding by
+# nothing on some architectures: a key bias's true gradient is zero (softmax ignores a shift common to all keys),
+# and a scalar summed over every token (Apertus' xIELU alpha) or Gemma 4's scaling-free attention carry rounding
+# of 1e-5 of their own scale even between two plain batches of the unpatched model (paired rows vs runs alone:
+# 6e-6 on Gemma 4, 4e-7 on Llama). The leaky negative control is measured the same way, on every architecture.
+ENUM_GRADIENT_FLOOR = 1.0
+
+
+def _shared_errors(patched, examples, collator, want, want_grads) -> tuple[float, float, str]:
+    from prefixshare.testing.exactness import _loss_weights, _trainable_grads, align_gradients, gradient_error, relative_error
+
+    patched.zero_grad(set_to_none=True)
+    got = prefixshare.response_logps(patched, collator(examples)).logps
+    (got * _loss_weights(got.shape).to(got.device)).sum().backward()
+    grads, want_grads, one_sided = align_gradients(_trainable_grads(patched), want_grads)
+    if one_sided:
+        return relative_error(got, want), float("inf"), f"gradients on one side only: {one_sided[:3]}"
+    worst, name = gradient_error(grads, want_grads, floor=ENUM_GRADIENT_FLOOR)
+    return relative_error(got, want), worst, name or ""
+
+
+@contextlib.contextmanager
+def leaky_layout():
+    """Within the block, every layout lets a response see the responses before it in its unit (plain causal
+    attention within the unit): the negative control of the breadth matrix."""
+    from prefixshare.layout import PrefixShareLayout
+
+    original = PrefixShareLayout.attention_predicate
+
+    def leaky(self, sliding_window=None):
+        unit = self.unit_ids
+
+        def predicate(b, h, q_idx, kv_idx):
+            return (unit[b, q_idx] == unit[b, kv_idx]) & (kv_idx <= q_idx)
+
+        return predicate
+
+    PrefixShareLayout.attention_predicate = leaky
+    try:
+        yield
+    finally:
+        PrefixShareLayout.attention_predicate = original
+
+
+def _vocabulary(model) -> int:
+    """Token ids both the embedding and the LM head know (Moshi's embedding has one more than its head)."""
+    sizes = [model.get_input_embeddings().num_embeddings]
+    head = model.get_output_embeddings()
+    if isinstance(getattr(head, "out_features", None), int):
+        sizes.append(head.out_features)
+    return min(sizes)
+
+
+def _enum_examples(model, settings: Settings, num_responses: int) -> list[dict]:
+    vocabulary = _vocabulary(model)
+    return random_examples(settings.num_examples, vocabulary, seed=settings.seed + num_responses, num_responses=num_responses)
+
+
+def _enum_collator(packing: str, examples):
+    if packing == "unpacked":
+        return PrefixShareCollator(pad_token_id=0)
+    budget = packing_budget(PrefixShareCollator(pad_token_id=0).unit_lengths(examples))
+    return PrefixShareCollator(pad_token_id=0, max_tokens_per_row=budget)
+
+
+def _enum_lora(model, settings: Settings):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(settings.seed + 1)
+    config = LoraConfig(r=settings.lora_rank, lora_alpha=2 * settings.lora_rank, target_modules="all-linear",
+                        lora_dropout=0.0, init_lora_weights=False)  # fmt: skip
+    return get_peft_model(model, config)
+
+
+def _describe(error: BaseException) -> str:
+    """``Type: first line of the message`` (the message may be empty: StopIteration)."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:300]}" if lines else type(error).__name__
+
+
+def check_architecture(model_type: str, settings: Settings, *, lora: bool = True, backends=ENUM_BACKENDS) -> ArchitectureResult:
+    """The breadth-matrix row of one model type: exact, refused (patch's reason), not built (why), or FAIL/ERROR."""
+    from prefixshare.structure import attention_features
+    from prefixshare.testing import tiny_model_of
+
+    result = ArchitectureResult(model_type)
+    start = time.perf_counter()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            base = tiny_model_of(model_type, seed=settings.seed).to(settings.device)
+    except Exception as error:  # noqa: BLE001 - a config class that cannot be built from its defaults
+        result.status, result.reason = NOT_BUILT, _describe(error)
+        result.seconds = time.perf_counter() - start
+        return result
+    result.model_class = type(base).__name__
+    result.moe = _is_moe(base.config)
+    try:  # the tiny model's own forward must work before anything of prefixshare is asked of it
+        vocabulary = _vocabulary(base)
+        with torch.no_grad():  # the largest ids the examples use, too
+            base(input_ids=torch.tensor([[3, vocabulary - 1, 4, vocabulary - 2]], device=settings.device), use_cache=False)
+    except Exception as error:  # noqa: BLE001
+        result.status = NOT_BUILT
+        result.reason = f"the tiny model's own forward fails: {_describe(error)}"
+        result.seconds = time.perf_counter() - start
+        return result
+    try:
+        result.features = sorted(attention_features(base))
+        result.status, result.reason = _check_built(base, result, settings, lora and not result.moe, backends)
+    except Exception as error:  # noqa: BLE001 - report, don't stop the matrix
+        result.status, result.reason = ERROR, f"{type(error).__name__}: {str(error)[:400]}"
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _check_built(base, result: ArchitectureResult, settings: Settings, lora: bool, backends) -> tuple[str, str]:
+    adapters = ("full", "lora") if lora else ("full",)
+    accepted = []
+    for backend in backends:
+        candidate = copy.deepcopy(base)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                prefixshare.patch(candidate, backend=backend)
+        except prefixshare.UnsupportedModelError as error:  # the model itself (every backend): its reason
+            return REFUSED, str(error)
+        except ValueError as error:  # this backend cannot apply a feature the model has
+            result.refusals[backend] = str(error)
+            continue
+        accepted.append(backend)
+    if not accepted:
+        return REFUSED, "; ".join(f"{b}: {m}" for b, m in result.refusals.items())
+    failures = []
+    for adapter in adapters:
+        reference = base if adapter == "full" else _enum_lora(copy.deepcopy(base), settings)
+        for num_responses in ENUM_RESPONSES:
+            examples = _enum_examples(base, settings, num_responses)
+            want, want_grads = _alone_and_grads(reference, examples)
+            for backend in accepted:
+                patched = prefixshare.patch(copy.deepcopy(reference), backend=backend, verify=False)
+                for packing in ENUM_PACKINGS:
+                    logps_error, grad_error, worst = _shared_errors(
+                        patched, examples, _enum_collator(packing, examples), want, want_grads
+                    )
+                    cell = dict(backend=backend, adapter=adapter, responses=num_responses, packing=packing,
+                                logps_error=logps_error, grad_error=grad_error, worst_parameter=worst)  # fmt: skip
+                    result.cells.append(cell)
+                    tolerance = TOLERANCE["float32"]
+                    if not (logps_error <= tolerance[0] and grad_error <= tolerance[1]):
+                        failures.append(
+                            f"{backend} x {adapter} x K={num_responses} x {packing}: log-probs {logps_error:.1e}, "
+                            f"gradients {grad_error:.1e} ({worst})"
+                        )
+    # the negative control: a leaky rule must show on this model, in log-probs and in gradients
+    patched = prefixshare.patch(copy.deepcopy(base), backend=accepted[0], verify=False)
+    examples = _enum_examples(base, settings, 2)
+    want, want_grads = _alone_and_grads(base, examples)
+    with leaky_layout():
+        result.leak_error, result.leak_grad_error, _ = _shared_errors(
+            patched, examples, _enum_collator("packed", examples), want, want_grads
+        )
+    if failures:
+        return FAIL, "; ".join(failures)
+    if not max(result.leak_error, result.leak_grad_error) >= LEAK_VISIBLE:
+        return FAIL, (
+            f"a leaky rule moves this tiny model's log-probs by only {result.leak_error:.1e} and its gradients by "
+            f"{result.leak_grad_error:.1e} (both < {LEAK_VISIBLE:g}): the check cannot tell exact from leaky here"
+        )
+    return EXACT, ""
+
+
+def run_enumeration(model_types=None, settings: Settings | None = None, log=print, **options) -> list[ArchitectureResult]:
+    """:func:`check_architecture` for ``model_types`` (default: every causal LM of the installed transformers)."""
+    from prefixshare.testing import causal_lm_model_types
+
+    settings = settings or Settings(device=default_device())
+    threads = torch.get_num_threads()
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    results = []
+    try:
+        for model_type in model_types or causal_lm_model_types():
+            result = check_architecture(model_type, settings, **options)
+            log(f"  {model_type:28s} {result.status:9s} ({result.seconds:.1f}s) {result.reason[:160]}")
+            results.append(result)
+    finally:
+        torch.set_num_threads(threads)
+    return results
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -567,7 +831,7 @@ def render_markdown(cells: list[Cell], command: str, device: str, seconds: float
         f"**Tolerance**: float32 `{_tol(f32[0])}` on both. bfloat16 `{_tol(bf16[0])}` on log-probs and "
         f"`{_tol(bf16[1])}` on gradients. " + BF16_RATIONALE,
         "",
-        "**Models**: tiny random models built from configs (`prefixshare.tiny`: 2 layers, Gemma3 6; sliding "
+        "**Models**: tiny random models built from configs (`prefixshare.testing`: 2 layers, Gemma3 6; sliding "
         "windows of 8 tokens, Gemma2's softcaps, grouped-query attention). The reference of a cell is its "
         "model before patching; the patched model is a deep copy of it, patched. The reference runs with "
         "the backend's own kernel (eager, sdpa); for `flex_attention` it runs eager (transformers' own "
@@ -616,6 +880,88 @@ def render_markdown(cells: list[Cell], command: str, device: str, seconds: float
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------------------------- breadth report
+BREADTH_STATES = (EXACT, REFUSED, NOT_BUILT, FAIL, ERROR)
+
+
+def _short_reason(result: ArchitectureResult) -> str:
+    """The refusal or failure, without patch's boilerplate, for one table cell."""
+    reason = result.reason
+    for prefix in ("prefixshare cannot make this model exact: ", "prefixshare self-check failed on "):
+        reason = reason.replace(prefix, "")
+    reason = reason.replace(f"prefixshare cannot make {result.model_class} exact: ", "")
+    for cut in (" Such a mixer reads", " The batch's responses would", " The model is left unpatched", " The layout travels"):
+        reason = reason.split(cut)[0]
+    return reason.replace("|", "\\|").replace("\n", " ")
+
+
+def breadth_summary(results: list[ArchitectureResult]) -> dict[str, list[str]]:
+    """``{state: [model types]}`` in :data:`BREADTH_STATES` order."""
+    return {state: [r.model_type for r in results if r.status == state] for state in BREADTH_STATES}
+
+
+def render_breadth_markdown(results: list[ArchitectureResult], seconds: float) -> str:
+    """The breadth section of MATRIX.md: one row per model type of the installed transformers."""
+    summary = breadth_summary(results)
+    exact = [r for r in results if r.status == EXACT]
+    worst_logps = max((r.worst[0] or 0.0 for r in exact), default=0.0)
+    worst_grads = max((r.worst[1] or 0.0 for r in exact), default=0.0)
+    weakest_leak = min((max(r.leak_error, r.leak_grad_error) for r in exact), default=float("nan"))
+    lines = [
+        f"## Every causal LM of transformers {transformers.__version__}",
+        "",
+        f"Every model type in `AutoModelForCausalLM`'s mapping ({len(results)}), built tiny from its config class "
+        "alone (`prefixshare.testing.tiny_model_of`: the class's defaults with every size field shrunk to 2 layers "
+        "or as many as it takes to hold each kind of layer of the default pattern, hidden 64, vocabulary 96, "
+        "weights of std 0.1; sliding windows of 8 tokens where the class has them), then "
+        "`prefixshare.patch(model, backend=...)` with no opt-in. An architecture is **exact** when every cell "
+        "passes: eager and sdpa (each where patch accepts it), K=2 and K=4 responses, unpacked and packed, full "
+        "fine-tuning and (dense models) LoRA on every linear layer, log-probs and gradients within "
+        f"`{_tol(TOLERANCE['float32'][0])}` of every prompt+response run alone through the unpatched model "
+        "(eager), and when a deliberately leaky rule (a response seeing the one before it) moves its log-probs "
+        f"or gradients by at least `{LEAK_VISIBLE:g}`. **refused**: patch raised, and its reason is shown. "
+        "**not built**: the config class cannot make a tiny model from its defaults (or the tiny model's own "
+        f"forward fails). {seconds:.0f} s.",
+        "",
+        "Gradient error: the whole gradient (every trainable parameter) as one vector, `max|g - w| / max|w|`; "
+        "a parameter missing a gradient or with an extra one fails on its own. (A per-parameter measure divides "
+        "float32 rounding by nothing on some of these models: a key projection's bias has a true gradient of "
+        "zero.)",
+        "",
+        "**" + ", ".join(f"{len(v)} {k}" for k, v in summary.items() if v) + f"** of {len(results)} model types. "
+        f"Exact ones: worst log-prob error {_fmt(worst_logps)}, worst gradient error {_fmt(worst_grads)}; the "
+        f"leaky rule moves every one of them by at least {weakest_leak:.0e}.",
+    ]
+    if summary[FAIL] or summary[ERROR]:
+        lines += ["", "**Failures:** " + ", ".join(summary[FAIL] + summary[ERROR])]
+    lines += [
+        "",
+        "| model type | class | result | MoE | attention features | worst log-prob / gradient error | leak | reason |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(results, key=lambda r: (BREADTH_STATES.index(r.status) if r.status in BREADTH_STATES else 9, r.model_type)):
+        errors = f"{_fmt(r.worst[0])} / {_fmt(r.worst[1])}" if r.cells else ""
+        leak = f"{max(r.leak_error, r.leak_grad_error):.0e}" if r.leak_error is not None else ""
+        features = ", ".join(r.features)
+        refusals = "; ".join(f"{b}: refused ({m.split(', which')[0].split(' uses ')[-1]})" for b, m in r.refusals.items())
+        reason = "; ".join(filter(None, [_short_reason(r) if r.status != EXACT else "", refusals]))
+        status = r.status if r.status not in (FAIL, ERROR) else f"**{r.status.upper()}**"
+        lines.append(
+            f"| {r.model_type} | {r.model_class} | {status} | {'yes' if r.moe else ''} | {features} | {errors} | "
+            f"{leak} | {reason} |"
+        )
+    return "\n".join(lines)
+
+
+def readme_support_summary(results: list[ArchitectureResult]) -> str:
+    """The README's support paragraph: the count and the list of exact model types, and the refused kinds."""
+    summary = breadth_summary(results)
+    return (
+        f"{len(summary[EXACT])} of the {len(results)} causal-LM model types of transformers {transformers.__version__} "
+        f"are exact: {', '.join(summary[EXACT])}."
+    )
+
+
 # ---------------------------------------------------------------------------------------------- CLI
 def _choices(values, allowed, what):
     if not values:
@@ -639,6 +985,12 @@ def main(argv=None) -> int:
     parser.add_argument("--packing", action="append", help=f"packings ({', '.join(PACKINGS)})")
     parser.add_argument("--dtype", action="append", help=f"dtypes ({', '.join(DTYPES)})")
     parser.add_argument("--quick", action="store_true", help="a representative subset: " + str(QUICK))
+    parser.add_argument(
+        "--breadth", action="store_true",
+        help="also check every causal-LM model type of the installed transformers (the breadth section)",
+    )
+    parser.add_argument("--breadth-only", action="store_true", help="only the breadth section")
+    parser.add_argument("--model-type", action="append", help="breadth: these model types only (comma separated)")
     parser.add_argument("--device", default=default_device(), help="cpu or cuda[:n] (default: %(default)s)")
     parser.add_argument("--examples", type=int, default=3, help="examples per batch (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
@@ -660,19 +1012,34 @@ def main(argv=None) -> int:
 
     start = time.perf_counter()
     print(f"prefixshare compatibility matrix on {args.device}", file=sys.stderr)
-    cells = run_matrix(
+    log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    cells = [] if args.breadth_only else run_matrix(
         architectures,
         _choices(args.backend, BACKENDS, "backend"),
         _choices(args.adapter, ADAPTERS, "adapter"),
         packings,
         _choices(args.dtype, DTYPES, "dtype"),
         settings,
-        log=lambda line: print(line, file=sys.stderr, flush=True),
+        log=log,
     )
     seconds = time.perf_counter() - start
+    breadth, breadth_seconds = [], 0.0
+    if args.breadth or args.breadth_only:
+        model_types = [t.strip() for v in args.model_type or [] for t in v.split(",") if t.strip()] or None
+        breadth_start = time.perf_counter()
+        breadth = run_enumeration(model_types, Settings(device=args.device, seed=args.seed), log=log)
+        breadth_seconds = time.perf_counter() - breadth_start
 
     command = " ".join(["python", "compat/run_matrix.py", *(argv if argv is not None else sys.argv[1:])])
-    markdown = render_markdown(cells, command, args.device, seconds, make_examples(settings), packings)
+    parts = []
+    if cells:
+        parts.append(render_markdown(cells, command, args.device, seconds, make_examples(settings), packings))
+    else:
+        parts.append(f"# Compatibility matrix\n\nProduced by `{command}` on {describe_machine(args.device)}; "
+                     + ", ".join(f"{k} {val}" for k, val in versions().items()) + ".")
+    if breadth:
+        parts.append(render_breadth_markdown(breadth, breadth_seconds))
+    markdown = "\n\n".join(parts)
     if args.out:
         Path(args.out).write_text(markdown + "\n")
         print(f"wrote {args.out}", file=sys.stderr)
@@ -686,10 +1053,12 @@ def main(argv=None) -> int:
             tolerance=TOLERANCE,
             seconds=seconds,
             cells=[asdict(c) for c in cells],
+            breadth=[asdict(r) for r in breadth],
         )
         Path(args.json).write_text(json.dumps(payload, indent=1) + "\n")
-    failed = [c for c in cells if c.state in (FAIL, ERROR)]
-    print(f"{len(cells)} cells in {seconds:.0f} s; {len(failed)} failed", file=sys.stderr)
+    failed = [c for c in cells if c.state in (FAIL, ERROR)] + [r for r in breadth if r.status in (FAIL, ERROR)]
+    print(f"{len(cells)} cells, {len(breadth)} model types in {time.perf_counter() - start:.0f} s; {len(failed)} failed",
+          file=sys.stderr)
     return 1 if failed else 0
 
 

@@ -74,7 +74,7 @@ def load_model_and_tokenizer(args):
         tokenizer = AutoTokenizer.from_pretrained(args.model)
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
     else:
-        from prefixshare.tiny import tiny_model
+        from prefixshare.testing import tiny_model
 
         tokenizer = toy_tokenizer()
         model = tiny_model("llama", attn_implementation="sdpa", dtype=dtype, seed=args.seed, vocab_size=len(tokenizer))

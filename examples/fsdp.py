@@ -8,7 +8,7 @@ and of the reference model, and contributes to ONE loss: the mean over all pairs
     torchrun --nproc_per_node 8 examples/fsdp.py --strategy ddp --lora --model /path/to/hf_model_dir
     accelerate launch --multi_gpu --num_processes 8 examples/fsdp.py --strategy fsdp2 --model /path/to/dir
 
-Without ``--model`` it trains a tiny random Llama (prefixshare.tiny) on the toy preferences shipped in
+Without ``--model`` it trains a tiny random Llama (prefixshare.testing) on the toy preferences shipped in
 prefixshare.data, so it runs anywhere, CPU included. See docs/distributed.md for what has been tested.
 
 The recipe, top to bottom:
@@ -205,7 +205,7 @@ def build_models(args, tokenizer):
 
         policy = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, attn_implementation=args.attn)
     else:
-        from prefixshare.tiny import tiny_model
+        from prefixshare.testing import tiny_model
 
         vocab = len(tokenizer) if tokenizer is not None else 96
         attn = "sdpa" if args.attn == "sdpa" else "eager"

@@ -34,7 +34,7 @@ import torch
 
 import prefixshare
 from prefixshare.data import toy_tokenizer
-from prefixshare.tiny import tiny_model
+from prefixshare.testing import tiny_model
 
 PROBLEMS = [(a, s - a) for s in range(10) for a in range(s + 1)]  # a + b <= 9: one-digit answers
 

@@ -73,7 +73,7 @@ def load_base_model(args, workdir):
     if path:
         tokenizer = AutoTokenizer.from_pretrained(path)
     else:
-        from prefixshare.tiny import tiny_model
+        from prefixshare.testing import tiny_model
 
         tokenizer = toy_tokenizer()
         path = f"{workdir}/tiny-llama"

@@ -61,10 +61,10 @@ def main():
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16 if args.bf16 else torch.float32)
         lr = args.lr or 5e-7
     else:
-        from prefixshare.tiny import tiny_model
+        from prefixshare.testing import tiny_model
 
         tokenizer = toy_tokenizer()
-        model = tiny_model("llama", vocab_size=len(tokenizer))  # prefixshare.tiny: built from a config, no download
+        model = tiny_model("llama", vocab_size=len(tokenizer))  # prefixshare.testing: built from a config, no download
         lr = args.lr or 1e-3
     rows = load_preferences(args.data) if args.data else load_toy_preferences()
     train_dataset = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
@@ -121,7 +121,7 @@ def main():
             batch = trainer.data_collator(
                 [trainer.train_dataset[i] for i in range(start_index, min(start_index + args.batch_size, len(trainer.train_dataset)))]
             )
-            paired += int(batch[PAIRED_TOKENS_KEY])
+            paired += int(batch[PAIRED_TOKENS_KEY].sum())  # one count per row
             shared += batch["prefixshare_layout"].num_tokens
             rows_used += batch["input_ids"].numel()
         print(f"\ntokens of the first batches: {paired} in TRL's paired format, {shared} prefix-shared "

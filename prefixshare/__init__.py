@@ -5,58 +5,83 @@ rule that keeps the responses apart and positions that restart each response at 
 the prompt is computed once. See README.md.
 """
 
-from .architectures import ARCHITECTURES, UnsupportedModelError
-from .collators import LAYOUT_KEY, PairedCollator, PrefixShareBatch, PrefixShareCollator
-from .engine import STATS, LogitProcessingMismatch, response_logps
+from .architectures import UnsupportedModelError
+from .collators import PairedCollator, PrefixShareBatch, PrefixShareCollator
+from .engine import LogitProcessingMismatch, response_logps
 from .groups import CompletionGroups, CompletionLogps, completion_logps, group_completions
 from .layout import PrefixShareLayout
-from .logps import ResponseLogps, TokenIndex, gather_response_logps, pad_per_token, split_logps
-from .losses import LOSSES, REFERENCE_FREE, preference_loss
-from .packing import first_fit_decreasing
+from .logps import ResponseLogps, gather_response_logps, pad_per_token, split_logps
+from .losses import preference_loss
 from .patch import LayoutNotAppliedError, is_patched, patch, patched_backend, unpatch
-from .selfcheck import SelfCheckError
-from .reference import WithReferenceLogps, precompute_reference_logps, reference_logps, with_reference_logps
+from .rewards import RewardCollator, response_rewards
 from .sampler import TokenBudgetBatchSampler
+from .selfcheck import SelfCheckError
 from .tokenization import tokenize_preference
 from .training import preference_step
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ARCHITECTURES",
+    # make a model accept prefix-shared batches
+    "patch",
+    "unpatch",
+    "is_patched",
+    "patched_backend",
+    # batches
+    "PrefixShareCollator",
+    "PairedCollator",
+    "PrefixShareBatch",
+    "PrefixShareLayout",
+    "TokenBudgetBatchSampler",
+    "tokenize_preference",
+    # log-probs
+    "response_logps",
+    "ResponseLogps",
+    "pad_per_token",
+    "split_logps",
+    "gather_response_logps",
+    # online RL: prompts with groups of completions
+    "group_completions",
+    "completion_logps",
+    "CompletionGroups",
+    "CompletionLogps",
+    # losses and training
+    "preference_loss",
+    "preference_step",
+    # reward models
+    "RewardCollator",
+    "response_rewards",
+    # errors
     "UnsupportedModelError",
     "LayoutNotAppliedError",
     "SelfCheckError",
-    "is_patched",
-    "patch",
-    "patched_backend",
-    "unpatch",
-    "LAYOUT_KEY",
-    "LOSSES",
     "LogitProcessingMismatch",
-    "REFERENCE_FREE",
-    "STATS",
-    "TokenBudgetBatchSampler",
-    "CompletionGroups",
-    "CompletionLogps",
-    "completion_logps",
-    "group_completions",
-    "WithReferenceLogps",
-    "PairedCollator",
-    "PrefixShareBatch",
-    "PrefixShareCollator",
-    "PrefixShareLayout",
-    "ResponseLogps",
-    "TokenIndex",
-    "first_fit_decreasing",
-    "gather_response_logps",
-    "pad_per_token",
-    "precompute_reference_logps",
-    "preference_loss",
-    "preference_step",
-    "reference_logps",
-    "response_logps",
-    "split_logps",
-    "tokenize_preference",
-    "with_reference_logps",
 ]
+
+# names that were exported here before; they live on in their modules
+_MOVED = {
+    "ARCHITECTURES": "prefixshare.architectures",
+    "LAYOUT_KEY": "prefixshare.layout",
+    "LOSSES": "prefixshare.losses",
+    "REFERENCE_FREE": "prefixshare.losses",
+    "STATS": "prefixshare.engine",
+    "TokenIndex": "prefixshare.logps",
+    "first_fit_decreasing": "prefixshare.packing",
+    "WithReferenceLogps": "prefixshare.reference",
+    "precompute_reference_logps": "prefixshare.reference",
+    "reference_logps": "prefixshare.reference",
+    "with_reference_logps": "prefixshare.reference",
+}
+
+
+def __getattr__(name: str):
+    if name in _MOVED:
+        import importlib
+        import warnings
+
+        module = _MOVED[name]
+        warnings.warn(
+            f"prefixshare.{name} is deprecated; import it from {module}", DeprecationWarning, stacklevel=2
+        )
+        return getattr(importlib.import_module(module), name)
+    raise AttributeError(f"module 'prefixshare' has no attribute {name!r}")

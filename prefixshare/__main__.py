@@ -1,6 +1,6 @@
 """``python -m prefixshare``: the same command line as the ``prefixshare`` script."""
 
-from .cli import main
+from .tools.cli import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -20,10 +20,9 @@ from typing import Any, Sequence
 
 import torch
 
-from .layout import Placement, PrefixShareLayout, UnitSpec
+from .layout import LAYOUT_KEY, Placement, PrefixShareLayout, UnitSpec
 from .packing import first_fit_decreasing
 
-LAYOUT_KEY = "prefixshare_layout"
 
 TRUNCATION_MODES = ("keep_end_of_prompt", "truncate_responses")
 
@@ -60,12 +59,14 @@ RESPONSES_KEY = "responses_input_ids"
 PAIR_KEYS = ("chosen_input_ids", "rejected_input_ids")
 
 
-def _is_numpy_array(value: Any) -> bool:
+def is_numpy_array(value: Any) -> bool:
     return type(value).__module__ == "numpy" and hasattr(value, "ndim") and hasattr(value, "dtype")
 
 
-def _token_ids(value: Any, index: int, name: str) -> list[int]:
-    if _is_numpy_array(value):  # datasets' numpy format; numpy scalars (ndim 0) fail the 1-D check
+def token_ids(value: Any, index: int, name: str) -> list[int]:
+    """``value`` (a list of ints, a 1-D integer tensor or array) as a list of ids; ValueError naming ``example
+    index`` and the field ``name`` otherwise (not integers, not 1-D, negative, beyond int64)."""
+    if is_numpy_array(value):  # datasets' numpy format; numpy scalars (ndim 0) fail the 1-D check
         if value.ndim != 1:
             raise ValueError(f"example {index}: {name} must be a 1-D array, got shape {tuple(value.shape)}")
         if value.dtype.kind not in "iuO":  # signed, unsigned, or Python objects (checked one by one below)
@@ -129,7 +130,7 @@ def normalize_example(example: Any, index: int) -> PreferenceExample:
         raise ValueError(f"example {index}: expected a mapping of token ids, got {type(example).__name__}")
     if "prompt_input_ids" not in example:
         raise ValueError(f"example {index}: missing 'prompt_input_ids'")
-    prompt = _token_ids(example["prompt_input_ids"], index, "prompt_input_ids")
+    prompt = token_ids(example["prompt_input_ids"], index, "prompt_input_ids")
     _check_attention_mask(example, index, "prompt_input_ids", len(prompt))
     # A field set to None counts as absent: datasets writes None where a row lacks a column of the dataset.
     pair = [k for k in PAIR_KEYS if example.get(k) is not None]
@@ -147,7 +148,7 @@ def normalize_example(example: Any, index: int) -> PreferenceExample:
                 f"example {index}: {RESPONSES_KEY} must be a non-empty list of responses (one list of ids, 1-D "
                 f"tensor or array each), got {got}"
             )
-        responses = [_token_ids(r, index, f"{RESPONSES_KEY}[{k}]") for k, r in enumerate(raw)]
+        responses = [token_ids(r, index, f"{RESPONSES_KEY}[{k}]") for k, r in enumerate(raw)]
     else:
         missing = [k for k in PAIR_KEYS if k not in example]
         if missing:
@@ -155,7 +156,7 @@ def normalize_example(example: Any, index: int) -> PreferenceExample:
                 f"example {index}: missing {', '.join(repr(m) for m in missing)} "
                 "(give chosen_input_ids and rejected_input_ids, or responses_input_ids)"
             )
-        responses = [_token_ids(example[k], index, k) for k in PAIR_KEYS]
+        responses = [token_ids(example[k], index, k) for k in PAIR_KEYS]
         for k, r in zip(PAIR_KEYS, responses):
             _check_attention_mask(example, index, k, len(r))
     if not prompt:

@@ -47,19 +47,22 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from ._compat import text_config
-from .logps import ResponseLogps, _input_ids_of, _layout_of, sum_per_response, token_index_of
+from .layout import input_ids_of, layout_of
+from .logps import ResponseLogps, sum_per_response, token_index_of
 from .patch import expect_layout_applied
-from .structure import unwrap_model as _unwrap
+from .structure import unwrap_model
 
 __all__ = ["STATS", "LogitProcessing", "ResponseLogps", "logit_processing", "response_logps"]
 
-STATS = ("entropy", "logsumexp", "argmax_match", "mean_logit")
+STATS = ("entropy", "logsumexp", "argmax_match", "mean_logit", "log_sum_sq_probs")
 """Per-token statistics :func:`response_logps` can compute in its chunk pass (float32, no gradient):
 
 * ``entropy``: ``-sum_v p_v log p_v`` of the token's predictive distribution;
 * ``logsumexp``: ``log sum_v exp(z_v)`` of the (processed, float32) logits ``z``;
 * ``argmax_match``: 1.0 where the first maximal logit is the target token, else 0.0;
-* ``mean_logit``: the mean of ``z`` over the vocabulary.
+* ``mean_logit``: the mean of ``z`` over the vocabulary;
+* ``log_sum_sq_probs``: ``log sum_v p_v^2`` (the log-probability that two samples of the token's
+  distribution agree; WPO's weights divide each token's probability by it).
 """
 
 DEFAULT_BLOCK_ELEMENTS = 2**25
@@ -170,7 +173,7 @@ _FINAL_LOGITS: dict[str, Callable[[object], LogitProcessing]] = {
 
 def logit_processing(model) -> LogitProcessing:
     """The final logit processing of ``model``'s forward (a transformers model, or peft/DDP/FSDP around one)."""
-    inner = _unwrap(model)
+    inner = unwrap_model(model)
     config = getattr(inner, "config", None)
     rule = _FINAL_LOGITS.get(getattr(config, "model_type", None))
     return rule(text_config(config)) if rule is not None else LogitProcessing()
@@ -185,7 +188,7 @@ def _verification_key(processing: LogitProcessing, dtype: torch.dtype):
 
 
 def _is_verified(model, key) -> bool:
-    return key in _unwrap(model).__dict__.get("_prefixshare_verified_logits", ())
+    return key in unwrap_model(model).__dict__.get("_prefixshare_verified_logits", ())
 
 
 def _verify_processing(model, processing: LogitProcessing, raw: torch.Tensor, returned, key) -> None:
@@ -197,7 +200,7 @@ def _verify_processing(model, processing: LogitProcessing, raw: torch.Tensor, re
     orders of magnitude larger, and a step done in another dtype (a softcap before or after an upcast)
     differs by the coarser dtype's rounding, far above the finer one's ulps.
     """
-    name = type(_unwrap(model)).__name__
+    name = type(unwrap_model(model)).__name__
     mine = processing.apply(raw.detach())
     if not isinstance(returned, torch.Tensor) or tuple(returned.shape) != tuple(mine.shape):
         got = tuple(returned.shape) if isinstance(returned, torch.Tensor) else type(returned).__name__
@@ -222,23 +225,23 @@ def _verify_processing(model, processing: LogitProcessing, raw: torch.Tensor, re
         raise LogitProcessingMismatch(
             f"prefixshare.response_logps: {name}'s forward processes the LM head's output differently from "
             f"the final logit processing prefixshare applies for model_type "
-            f"{getattr(_unwrap(model).config, 'model_type', None)!r} ({processing}): relative difference "
+            f"{getattr(unwrap_model(model).config, 'model_type', None)!r} ({processing}): relative difference "
             f"{error:.3g} > {tolerance:.3g} on the same rows. Its log-probs would be wrong, so none are returned; "
             "use prefixshare.gather_response_logps(model(**batch).logits, batch) for this model"
         )
-    _unwrap(model).__dict__.setdefault("_prefixshare_verified_logits", set()).add(key)
+    unwrap_model(model).__dict__.setdefault("_prefixshare_verified_logits", set()).add(key)
 
 
 # ================================================================================================ the forward
 def _run_model(model, inputs):
     """The one place where the engine runs a model forward (``model(**inputs)``); it raises
     :class:`~prefixshare.LayoutNotAppliedError` unless every attention layer applied the batch's layout."""
-    with expect_layout_applied(model, _layout_of(inputs)):
+    with expect_layout_applied(model, layout_of(inputs)):
         return model(**inputs)
 
 
 def _output_embeddings(model) -> torch.nn.Module:
-    inner = _unwrap(model)
+    inner = unwrap_model(model)
     get = getattr(inner, "get_output_embeddings", None)
     head = get() if callable(get) else None
     if not isinstance(head, torch.nn.Module):
@@ -269,7 +272,7 @@ def _forward_to_head(model, batch, head: torch.nn.Module, processing: LogitProce
     so it is called once, on all ``T`` rows, and its ``[T, V]`` output is captured; the model's own final
     processing then sees only the probe rows.
     """
-    layout = _layout_of(batch)
+    layout = layout_of(batch)
     state: dict = {"calls": 0}
 
     def narrow(module, args, kwargs):
@@ -310,7 +313,7 @@ def _forward_to_head(model, batch, head: torch.nn.Module, processing: LogitProce
     finally:
         for handle in handles:
             handle.remove()
-    name = type(_unwrap(model)).__name__
+    name = type(unwrap_model(model)).__name__
     if state["calls"] != 1:
         raise ValueError(
             f"prefixshare.response_logps: the forward of {name} called its LM head ({type(head).__name__}) "
@@ -449,6 +452,8 @@ class _LogSoftmaxGather(torch.autograd.Function):
                     sink.write("logsumexp", at, z.amax(-1) - log_p.amax(-1))
                 if "mean_logit" in sink.values:
                     sink.write("mean_logit", at, z.mean(-1))
+                if "log_sum_sq_probs" in sink.values:  # log sum_v p_v^2 = logsumexp(2 log p)
+                    sink.write("log_sum_sq_probs", at, torch.logsumexp(2.0 * log_p, dim=-1))
                 if "argmax_match" in sink.values:
                     # argmax: the first maximum, as TRL counts. argmax takes a nan for the maximum, while TRL's
                     # comparisons with a nan are false: a nan target logit is a miss, as there
@@ -530,7 +535,7 @@ def _has_foreign_hooks(head: torch.nn.Module) -> bool:
     )  # fmt: skip
 
 
-def _fused_token_logps(
+def fused_token_logps(
     head: torch.nn.Module,
     rows: torch.Tensor,
     targets: torch.Tensor,
@@ -594,7 +599,7 @@ def default_chunk_size(vocab_size: int) -> int:
 
 
 def _vocab_size(model, head) -> int:
-    vocab = getattr(text_config(getattr(_unwrap(model), "config", None)), "vocab_size", None)
+    vocab = getattr(text_config(getattr(unwrap_model(model), "config", None)), "vocab_size", None)
     return int(vocab or getattr(head, "out_features", 0) or 32000)
 
 
@@ -668,8 +673,8 @@ def response_logps(
         _verify_processing(model, processing, captured.probe_raw, captured.probe_returned, captured.key)
 
     rows = captured.rows
-    layout = _layout_of(batch).to(rows.device)
-    targets = _input_ids_of(batch, None).to(rows.device).reshape(-1)[layout.target_index]
+    layout = layout_of(batch).to(rows.device)
+    targets = input_ids_of(batch, None).to(rows.device).reshape(-1)[layout.target_index]
     chunk = chunk_size or default_chunk_size(_vocab_size(model, head))
     if temperature != 1.0:
         processing = _Tempered(processing, float(temperature))
@@ -678,7 +683,7 @@ def response_logps(
     else:
         head_trainable = any(p.requires_grad for p in head.parameters())
         with _head_gathered(model, head, keep_gathered=torch.is_grad_enabled() and head_trainable):
-            token_logps, token_stats = _fused_token_logps(head, rows, targets, processing, chunk, stats)
+            token_logps, token_stats = fused_token_logps(head, rows, targets, processing, chunk, stats)
     token_logps = token_logps + captured.link
 
     sums = sum_per_response(token_logps, layout)

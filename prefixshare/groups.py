@@ -23,9 +23,9 @@ from typing import Any, NamedTuple, Sequence
 
 import torch
 
-from .collators import INT64_MAX, LAYOUT_KEY, PrefixShareBatch, _is_numpy_array
+from .collators import INT64_MAX, PrefixShareBatch, is_numpy_array
 from .engine import response_logps
-from .layout import Placement, PrefixShareLayout, UnitSpec
+from .layout import LAYOUT_KEY, Placement, PrefixShareLayout, UnitSpec
 from .packing import first_fit_decreasing
 
 __all__ = ["CompletionGroups", "CompletionLogps", "completion_logps", "group_completions"]
@@ -94,7 +94,7 @@ class CompletionLogps(NamedTuple):
 
 # ---------------------------------------------------------------------------------------------- input
 def _as_tensor(value: Any) -> Any:
-    if _is_numpy_array(value) and value.dtype.kind in "iub":
+    if is_numpy_array(value) and value.dtype.kind in "iub":
         return torch.from_numpy(value)
     return value
 
@@ -105,7 +105,7 @@ def _rows_of(value: Any, name: str, *, mask: bool = False) -> list[list[int]]:
         raise ValueError(f"{name} must be a 2-D tensor [rows, length] or a list of rows, got {type(value).__name__}")
     rows = []
     for i, row in enumerate(value):
-        if _is_numpy_array(row) or isinstance(row, torch.Tensor):
+        if is_numpy_array(row) or isinstance(row, torch.Tensor):
             if row.ndim != 1:
                 raise ValueError(f"row {i}: {name} must be 1-D, got shape {tuple(row.shape)}")
             row = row.tolist()

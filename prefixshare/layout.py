@@ -20,6 +20,7 @@ is derived from :meth:`PrefixShareLayout.attention_predicate` and the index tens
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple, Sequence
 
@@ -27,6 +28,9 @@ import torch
 
 PROMPT_SEGMENT = 0
 PAD_SEGMENT = -1
+
+LAYOUT_KEY = "prefixshare_layout"
+"""The batch key (and model keyword argument) under which a collated batch carries its layout."""
 
 
 @dataclass(frozen=True)
@@ -340,3 +344,24 @@ _TENSOR_FIELDS = (
     "response_index",
     "response_lengths",
 )
+
+
+def layout_of(batch_or_layout) -> PrefixShareLayout:
+    """The :class:`PrefixShareLayout` of a collated batch (a mapping with :data:`LAYOUT_KEY`), or the layout itself."""
+    if isinstance(batch_or_layout, PrefixShareLayout):
+        return batch_or_layout
+    if isinstance(batch_or_layout, Mapping) and LAYOUT_KEY in batch_or_layout:
+        return batch_or_layout[LAYOUT_KEY]
+    raise TypeError(
+        f"expected a batch from PrefixShareCollator/PairedCollator (a mapping with '{LAYOUT_KEY}') "
+        f"or a PrefixShareLayout, got {type(batch_or_layout).__name__}"
+    )
+
+
+def input_ids_of(batch_or_layout, input_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """``[B, L]`` input ids: ``input_ids`` if given, else the batch's; a bare layout needs ``input_ids``."""
+    if input_ids is not None:
+        return input_ids
+    if isinstance(batch_or_layout, Mapping) and "input_ids" in batch_or_layout:
+        return batch_or_layout["input_ids"]
+    raise TypeError("pass input_ids= when giving a layout instead of a batch")

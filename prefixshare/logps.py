@@ -7,8 +7,7 @@ from typing import NamedTuple
 
 import torch
 
-from .collators import LAYOUT_KEY
-from .layout import PrefixShareLayout
+from .layout import PrefixShareLayout, input_ids_of, layout_of
 from .patch import check_logits
 
 
@@ -96,25 +95,6 @@ def pad_per_token(values: torch.Tensor, token_index: TokenIndex, num_tokens: tor
     return padded.view(n, K, max_len), mask.view(n, K, max_len)
 
 
-def _layout_of(batch_or_layout) -> PrefixShareLayout:
-    if isinstance(batch_or_layout, PrefixShareLayout):
-        return batch_or_layout
-    if isinstance(batch_or_layout, Mapping) and LAYOUT_KEY in batch_or_layout:
-        return batch_or_layout[LAYOUT_KEY]
-    raise TypeError(
-        f"expected a batch from PrefixShareCollator/PairedCollator (a mapping with '{LAYOUT_KEY}') "
-        f"or a PrefixShareLayout, got {type(batch_or_layout).__name__}"
-    )
-
-
-def _input_ids_of(batch_or_layout, input_ids):
-    if input_ids is not None:
-        return input_ids
-    if isinstance(batch_or_layout, Mapping) and "input_ids" in batch_or_layout:
-        return batch_or_layout["input_ids"]
-    raise TypeError("pass input_ids= when giving a layout instead of a batch")
-
-
 def token_logps(predictor_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log p(target) from logits of shape ``[T, V]`` (any float dtype) -> ``[T]`` float32.
 
@@ -148,8 +128,8 @@ def gather_response_logps(logits: torch.Tensor, batch, *, input_ids: torch.Tenso
         LayoutNotAppliedError: ``logits`` do not come from a forward that applied this batch's layout in every
             attention layer (an unpatched model, a changed attention implementation, another batch).
     """
-    layout = _layout_of(batch)
-    ids = _input_ids_of(batch, input_ids).to(logits.device)
+    layout = layout_of(batch)
+    ids = input_ids_of(batch, input_ids).to(logits.device)
     B, L, V = logits.shape
     if (B, L) != layout.shape:
         raise ValueError(f"logits of shape {tuple(logits.shape)} do not match the batch layout {layout.shape}")

@@ -38,10 +38,18 @@ from ._compat import (
     set_attn_implementation,
     text_config,
 )
-from .architectures import UnsupportedModelError, architecture_of, unsupported_message
-from .backends import BACKENDS
-from .collators import LAYOUT_KEY
-from .structure import text_attention_modules, text_model_type, token_mixing_problems, unwrap_model
+from .architectures import UnsupportedModelError
+from .backends import BACKENDS, FEATURES
+from .layout import LAYOUT_KEY
+from .structure import (
+    attention_features,
+    attention_problems,
+    mask_only_window,
+    text_attention_modules,
+    text_model_type,
+    token_mixing_problems,
+    unwrap_model,
+)
 
 # short, filter-safe codes: transformers 5.x matches implementation names by substring ("sdpa", "flash", ...)
 _CODES = {
@@ -101,18 +109,67 @@ def _original_attention(kernel: str, module):
     return model_eager_attention(module) if kernel == "eager" else ALL_ATTENTION_FUNCTIONS[kernel]
 
 
-def _make_attention(backend: str, kernel: str):
-    attend = BACKENDS[backend]
+# keyword arguments of an attention call that carry no attention math (transformers' bookkeeping, passed through
+# every call); the backends apply scaling, dropout, sliding_window, softcap and s_aux (attention sinks). Anything
+# else with a value (a position bias, sparse-attention indices, variable-length tables...) changes what the
+# kernel computes, and a kernel that ignored it would return wrong numbers: such a call is refused.
+_INERT_KWARGS = frozenset(
+    {LAYOUT_KEY, "position_ids", "cache_position", "output_attentions", "output_hidden_states", "output_router_logits",
+     "use_cache", "return_dict", "is_causal", "layer_idx", "past_key_value", "past_key_values", "cache",
+     "logits_to_keep"}
+)  # fmt: skip
+_APPLIED_KWARGS = frozenset({"scaling", "dropout", "sliding_window", "softcap", "s_aux"})
 
+
+def _check_attention_call(module, attention_mask, kwargs) -> int | None:
+    """Refuse an attention call of a prefix-shared forward that asks for something the kernels do not apply;
+    return the sliding window to apply (None: none).
+
+    The kernels build their mask from the layout alone. During a prefix-shared forward the mask builders
+    registered for prefixshare return None, so a mask that arrives anyway was made by the model itself (an
+    ALiBi or relative-position bias, a learned dynamic mask): ignoring it would give wrong numbers. A layer whose
+    module passes no window although the model's mask applies one (Qwen2-MoE, PhiMoE) gets that window
+    (:func:`prefixshare.structure.mask_only_window`).
+    """
+    problems = []
+    if attention_mask is not None:
+        shape = tuple(attention_mask.shape) if hasattr(attention_mask, "shape") else ""
+        problems.append(
+            f"passes an attention mask of its own ({type(attention_mask).__name__}{shape}: a bias or mask the "
+            "model builds itself, such as ALiBi, a relative-position bias or a learned mask), which the layout's "
+            "kernels would ignore"
+        )
+    if kwargs.get("is_causal") is False or getattr(module, "is_causal", True) is False:
+        problems.append("attends bidirectionally (is_causal=False), and prefix sharing needs causal attention")
+    for key, value in kwargs.items():
+        if key in _INERT_KWARGS or key in _APPLIED_KWARGS or value is None or value is False:
+            continue
+        problems.append(f"passes {key}={type(value).__name__} to its attention function, which the kernels do not apply")
+    window = kwargs.get("sliding_window")
+    if window is None:
+        window = mask_only_window(module)
+        if window == -1:
+            problems.append("is a sliding-window layer, but neither its call nor its config gives the window")
+    if problems:
+        raise UnsupportedModelError(
+            f"prefixshare cannot make this model exact: its attention module {type(module).__name__} "
+            + "; ".join(problems)
+            + ". The batch's responses would see each other or get wrong numbers, so nothing is returned."
+        )
+    return window
+
+
+def _make_attention(backend: str, kernel: str):
     def prefixshare_attention(module, query, key, value, attention_mask, **kwargs):
         layout = kwargs.get(LAYOUT_KEY)
         if layout is None:
             return _original_attention(kernel, module)(module, query, key, value, attention_mask, **kwargs)
+        window = _check_attention_call(module, attention_mask, kwargs)
         record = _ACTIVE.get()
         if record is not None:
             record.applied.add(id(module))
         scaling = kwargs.get("scaling")
-        return attend(
+        return BACKENDS[backend](
             module,
             query,
             key,
@@ -120,8 +177,9 @@ def _make_attention(backend: str, kernel: str):
             layout.to(query.device),
             scaling=query.shape[-1] ** -0.5 if scaling is None else scaling,
             dropout=kwargs.get("dropout", 0.0),
-            sliding_window=kwargs.get("sliding_window"),
+            sliding_window=window,
             softcap=kwargs.get("softcap"),
+            sinks=kwargs.get("s_aux"),
         )
 
     prefixshare_attention.__qualname__ = f"prefixshare_attention[{backend}<-{kernel}]"
@@ -320,7 +378,33 @@ def _check_forward_kwargs(module, kwargs, layout) -> None:
             raise ValueError(f"prefixshare: {key} of shape {tuple(value.shape)} does not match the layout {layout.shape}")
     if kwargs.get("position_ids") is None:
         raise ValueError("prefixshare: pass the batch's position_ids (model(**batch) does)")
+    _refuse_multimodal_inputs(module, kwargs)
     _check_vocabulary(module, kwargs.get("input_ids"), layout)
+
+
+# inputs of a vision or audio tower: their tokens sit in the prompt, computed by rules of their own
+_MULTIMODAL_INPUTS = ("image_grid_thw", "video_grid_thw", "input_features", "image_sizes", "input_values", "audio_values")
+
+
+def _refuse_multimodal_inputs(module, kwargs) -> None:
+    """Refuse images, videos or audio in a prefix-shared forward.
+
+    Their tokens do not follow the layout's rule: Gemma 3's image tokens attend to each other in both directions
+    (its own mask), Qwen2-VL-style models give them 3D multimodal rotary positions (t, h, w) and number the text
+    after them from the largest, so that a response would have to restart at the prompt's position triple, not
+    at its length. The layout applies neither, so the numbers would be wrong: refused. (Text-only batches through
+    these models are exact; images go through the paired format, unpatched.)
+    """
+    given = [k for k, v in kwargs.items() if v is not None and (k.startswith("pixel_values") or k in _MULTIMODAL_INPUTS)]
+    if given:
+        raise UnsupportedModelError(
+            f"prefixshare: a prefix-shared batch for {type(unwrap_model(module)).__name__} carries {', '.join(given)}: "
+            "images, videos and audio are not supported in prefix-shared batches. Their tokens follow rules of their "
+            "own that the layout does not apply (Gemma 3's image tokens attend to each other both ways; Qwen2-VL-style "
+            "models give them 3D rotary positions, so a response would restart at the prompt's position triple, not "
+            "at its length). Train such examples in the paired format (PairedCollator without packing, through the "
+            "unpatched forward), or keep the batches text-only."
+        )
 
 
 def _check_vocabulary(module, input_ids, layout) -> None:
@@ -384,68 +468,132 @@ def _decoder_configs(model) -> list:
     return list(found.values())
 
 
-def _refuse_other_token_mixers(inner) -> None:
+def _refuse_unsupported_structure(inner) -> None:
+    """Raise :class:`UnsupportedModelError` naming every layer of ``inner`` that a layout cannot make exact."""
+    name = type(inner).__name__
     problems = token_mixing_problems(inner)
     if problems:
+        mixers = any(" mix" in line for line in problems)
         raise UnsupportedModelError(
-            f"prefixshare cannot make {type(inner).__name__} exact: its "
+            f"prefixshare cannot make {name} exact: its "
             + "; ".join(problems)
-            + ". Such a mixer reads the tokens physically before it, so in [prompt | response 1 | response 2] "
-            "the second response would read the first, whatever the attention mask says. Only decoders whose "
-            "tokens mix through attention alone can be patched (this holds with allow_unverified=True too)."
+            + (
+                ". Such a mixer reads the tokens physically before it, so in [prompt | response 1 | response 2] the "
+                "second response would read the first, whatever the attention mask says."
+                if mixers
+                else ". Attention computed outside the interface never sees the batch's layout, so in [prompt | "
+                "response 1 | response 2] the second response would attend to the first."
+            )
+            + " Only decoders whose tokens mix through attention alone, through the interface, can be patched."
+        )
+    import inspect
+
+    parameters = inspect.signature(inner.forward).parameters
+    if "position_ids" not in parameters and not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+        raise UnsupportedModelError(
+            f"prefixshare cannot make {name} exact: its forward takes no position_ids, so a response cannot restart "
+            "at the prompt's length"
+        )
+    if not text_attention_modules(inner):
+        raise UnsupportedModelError(
+            f"prefixshare cannot patch {name} (model_type {text_model_type(inner)!r}): none of its modules routes "
+            "attention through transformers' AttentionInterface (ALL_ATTENTION_FUNCTIONS), where the batch's "
+            "layout is applied"
+        )
+    problems = attention_problems(inner)
+    if problems:
+        raise UnsupportedModelError(
+            f"prefixshare cannot make {name} exact: its attention has " + "; ".join(problems) + "."
         )
 
 
-def patch(model, backend: str | None = None, *, allow_unverified: bool = False, verify: bool | None = None):
+def _refuse_backend_features(inner, backend: str) -> None:
+    """Raise ValueError if the model has an attention feature that ``backend`` cannot apply, naming those that can."""
+    for feature, modules in attention_features(inner).items():
+        able = FEATURES[feature]
+        if backend not in able:
+            raise ValueError(
+                f"prefixshare: {type(inner).__name__} uses {feature} ({', '.join(modules)}), which the {backend} "
+                f"backend cannot apply; use {' or '.join(repr(b) for b in able)}: prefixshare.patch(model, "
+                f"backend={able[0]!r}) (or load the model with attn_implementation={able[0]!r})"
+            )
+
+
+def _text_decoder_configs(inner) -> list:
+    """The configs whose attention implementation ``patch`` sets: the model's own and its text decoder's, and those
+    of the text decoder's attention modules (never a vision or audio tower's)."""
+    found = {}
+    for config in (inner.config, text_config(inner.config), *(m.config for m in text_attention_modules(inner))):
+        found.setdefault(id(config), config)
+    return list(found.values())
+
+
+def _self_check_skipped(model) -> bool:
+    """Parameters on the meta device (nothing to compute with), or sharded by FSDP1/FSDP2/DeepSpeed: there the
+    self-check's forwards would be collectives of their own, run outside the training loop's order (and FSDP2
+    keeps the root's parameters gathered after a forward without backward). Patch before wrapping to have the
+    self-check run on the whole model, as the recipes do."""
+    for module in (model, *unwrap_model(model).modules()):
+        if type(module).__name__ in ("FullyShardedDataParallel", "DeepSpeedEngine") or any(
+            type(c).__name__.startswith("FSDP") and hasattr(c, "unshard") for c in type(module).__mro__
+        ):
+            return True
+    return any(p.is_meta or type(p).__name__ == "DTensor" or hasattr(p, "ds_id") for p in unwrap_model(model).parameters())
+
+
+def patch(model, backend: str | None = None, *, allow_unverified: bool | None = None, verify: bool | None = None):
     """Make ``model`` accept prefix-shared batches; returns the same model, patched in place.
 
+    Which models: any decoder whose text decoder mixes tokens through attention alone, attention that goes
+    through transformers' ``AttentionInterface`` (dense or mixture-of-experts; grouped-query, multi-head latent
+    attention, attention sinks, logit softcaps, per-layer full / sliding-window types, RoPE, partial or no
+    RoPE). Support is decided from what the model is made of (:mod:`prefixshare.structure`), then proven on the
+    model itself by the self-check (``verify``); anything else is refused with the layer and the feature named.
+
     Args:
-        model: a transformers ``PreTrainedModel`` (Llama, Mistral, Qwen2/2.5/3, Gemma 1/2/3), a peft
-            ``PeftModel`` around one (LoRA, QLoRA), or either wrapped by DDP or FSDP.
+        model: a transformers ``PreTrainedModel`` (a ``*ForCausalLM``, or a multimodal model whose text decoder
+            is such a decoder), a peft ``PeftModel`` around one (LoRA, QLoRA), or either wrapped by DDP or FSDP.
         backend: the kernel for prefix-shared forwards: ``"eager"``, ``"sdpa"``, ``"flex_attention"`` or
             ``"varlen"``. ``None`` keeps the kernel the model was loaded with (``flash_attention_2/3/4``
             map to ``"varlen"``).
-        allow_unverified: patch a decoder outside the verified list (it must use transformers' attention
-            interface and mix tokens through attention alone). The self-check then runs (see ``verify``).
+        allow_unverified: no longer needed and ignored (support no longer comes from a list of names); kept so
+            that existing calls still work.
         verify: run the self-check (:func:`prefixshare.selfcheck.self_check`): a few random prompts with two
             responses through the patched model, prefix-shared and packed, against each prompt+response
-            alone through the original attention, log-probs and the gradients of one attention layer, in the
-            model's own dtype and device. ``None`` (default): only for unverified architectures, once per model
-            and backend. ``True``: always. ``False``: never (an explicit opt-out). A mismatch leaves the model
-            unpatched and raises. Cost: about six tiny forward passes (sequences of <= 20 tokens) and one
-            backward pass; on a GPU with ``flex_attention``, also compiling its kernel for those shapes.
+            alone through the original attention, log-probs and the gradients of one attention layer (and of
+            every parameter an attention module holds itself, such as sinks), in the model's own dtype and
+            device. ``None`` (default): once per model and backend. ``True``: always. ``False``: never (an
+            explicit opt-out; the structural checks and the per-call checks still run). A mismatch leaves the
+            model unpatched and raises. Cost: about six tiny forward passes (sequences of <= 20 tokens) and one
+            backward pass (40 ms for a tiny Llama on one CPU thread); on a GPU with ``flex_attention``, also
+            compiling its kernel for those shapes. Skipped for a model whose parameters are on the meta device or
+            sharded (FSDP, DeepSpeed ZeRO-3): patch before wrapping to have it run.
 
     Idempotent: patching twice is the same as once (a new ``backend`` replaces the old one).
     Forwards without a ``prefixshare_layout`` keyword run the original attention unchanged.
 
     Raises:
-        UnsupportedModelError: the architecture is not verified and ``allow_unverified`` is False; the model
-            mixes tokens through something other than attention (convolutions, SSM or linear-attention layers),
-            whatever ``allow_unverified`` says; the self-check found a difference.
-        ValueError: the chosen backend cannot run this model (sdpa and Gemma2's softcap).
+        UnsupportedModelError: the model mixes tokens through something other than attention (convolutions,
+            SSM or linear-attention layers), has no attention through the interface, or has attention layers of
+            another kind (chunked, indexer-selected sparse); its attention calls ask for something the kernels do
+            not apply (a mask or bias of its own, sparse indices); or the self-check found a difference
+            (:class:`~prefixshare.SelfCheckError`). The message names the layer and the feature.
+        ValueError: the chosen backend cannot apply a feature the model has (sdpa and a logit softcap, varlen and
+            attention sinks); the message names the backends that can.
     """
-    inner = unwrap_model(model)
-    _refuse_other_token_mixers(inner)
-    configs = [c for c in _decoder_configs(inner) if architecture_of(c) is not None]
-    unverified = not configs
-    if unverified:
-        model_type = text_model_type(inner)
-        if not allow_unverified:
-            raise UnsupportedModelError(unsupported_message(model_type))
-        if not getattr(inner, "_supports_attention_backend", False):
-            raise UnsupportedModelError(
-                f"{type(inner).__name__} (model_type {model_type!r}) does not route attention through "
-                "transformers' AttentionInterface, so prefixshare cannot patch it"
-            )
+    if allow_unverified is not None:
         warnings.warn(
-            f"prefixshare: patching unverified model_type {model_type!r}; the self-check runs on it "
-            "(compat/run_matrix.py checks more cases)",
+            "prefixshare.patch(allow_unverified=...) is no longer needed and has no effect: support is decided "
+            "by the model's structure and the self-check",
+            DeprecationWarning,
             stacklevel=2,
         )
-        configs = [text_config(inner.config)]
+    inner = unwrap_model(model)
+    _refuse_unsupported_structure(inner)
+    configs = _text_decoder_configs(inner)
 
     previous = [(c, get_attn_implementation(c)) for c in configs]
-    chosen_backends = set()
+    choices = []
     for config in configs:
         current = get_attn_implementation(config) or "eager"
         parsed = _parse(current)
@@ -458,18 +606,10 @@ def patch(model, backend: str | None = None, *, allow_unverified: bool = False, 
                 f"prefixshare: no prefix-shared backend for {chosen!r}; choose one of {sorted(BACKENDS)} "
                 f"(e.g. prefixshare.patch(model, backend='sdpa'))"
             )
-        if chosen == "sdpa" and getattr(config, "attn_logit_softcapping", None) is not None:
-            raise ValueError(
-                f"prefixshare: {getattr(config, 'model_type', '')} uses an attention logit softcap that sdpa cannot "
-                "apply; use backend='eager' or backend='flex_attention'"
-            )
-        chosen_backends.add(chosen)
+        _refuse_backend_features(inner, chosen)
+        choices.append((config, chosen, kernel))
     was_hooked = _has_hook(inner._forward_pre_hooks, _enter_forward)
-    for config in configs:
-        current = get_attn_implementation(config) or "eager"
-        parsed = _parse(current)
-        kernel = parsed[1] if parsed else current
-        chosen = backend or (parsed[0] if parsed else _DEFAULT_BACKEND.get(kernel, kernel))
+    for config, chosen, kernel in choices:
         set_attn_implementation(config, _ensure_registered(chosen, kernel))
 
     for module in _hooked_modules(model):
@@ -477,18 +617,31 @@ def patch(model, backend: str | None = None, *, allow_unverified: bool = False, 
             module.register_forward_pre_hook(_enter_forward, with_kwargs=True)
             module.register_forward_hook(_exit_forward, with_kwargs=True, always_call=True)
 
-    checked = ",".join(sorted(chosen_backends))
-    if verify or (verify is None and unverified and inner.__dict__.get(_VERIFIED) != checked):
+    checked = ",".join(sorted({chosen for _, chosen, _ in choices}))
+    wanted = verify or (verify is None and inner.__dict__.get(_VERIFIED) != checked)
+    if wanted and not _self_check_skipped(model):
         from .selfcheck import SelfCheckError, self_check
 
         try:
             self_check(inner)
-        except SelfCheckError:
+        except Exception as error:
             for config, name in previous:
                 set_attn_implementation(config, name)
             if not was_hooked:
                 _remove_hooks(model)
-            raise
+            if isinstance(error, UnsupportedModelError):
+                raise
+            if isinstance(error, LayoutNotAppliedError):
+                raise SelfCheckError(
+                    f"prefixshare cannot make {type(inner).__name__} exact: in the self-check's prefix-shared forward, "
+                    f"{str(error).split(', so ')[0].removeprefix('prefixshare: ')}. The layout travels as a keyword "
+                    "argument of the forward, and this model's layers do not pass their keyword arguments on to "
+                    "attention. The model is left unpatched."
+                ) from error
+            raise SelfCheckError(
+                f"prefixshare self-check failed on {type(inner).__name__}: its prefix-shared forward raised "
+                f"{type(error).__name__}: {error}. The model is left unpatched."
+            ) from error
         inner.__dict__[_VERIFIED] = checked
     return model
 
@@ -512,6 +665,7 @@ def unpatch(model):
 
 
 def is_patched(model) -> bool:
+    """Whether the text decoder of ``model`` (or of the transformers model inside its wrappers) is patched."""
     inner = unwrap_model(model)
     return any(_parse(get_attn_implementation(c)) for c in _decoder_configs(inner))
 
@@ -525,6 +679,3 @@ def patched_backend(model) -> str | None:
             return parsed[0]
     return None
 
-
-# kept for the modules that imported the old private name
-_unwrap = unwrap_model

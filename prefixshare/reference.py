@@ -24,7 +24,8 @@ from typing import Any
 
 import torch
 
-from .collators import LAYOUT_KEY, PrefixShareBatch
+from .collators import PrefixShareBatch
+from .layout import LAYOUT_KEY
 from .engine import response_logps
 from .patch import is_patched
 from .structure import eval_mode
@@ -64,7 +65,7 @@ def _device_of(model) -> torch.device:
     return torch.device("cpu")
 
 
-def _check_patched(model, role: str) -> None:
+def check_patched(model, role: str) -> None:
     if not is_patched(model):
         raise ValueError(
             f"the {role} is not patched for prefix-shared batches: call prefixshare.patch() on it first "
@@ -132,7 +133,7 @@ def reference_logps(ref: Any, batch: Mapping, *, policy=None) -> torch.Tensor:
         if ref == DISABLE_ADAPTERS:
             if policy is None:
                 raise ValueError(f'ref="{DISABLE_ADAPTERS}" needs the policy model (policy=...)')
-            _check_patched(policy, "policy model")
+            check_patched(policy, "policy model")
             with _disable_adapter_context(policy):
                 logps = _forward_logps(policy, batch)
             return logps.to(target_device)
@@ -146,7 +147,7 @@ def reference_logps(ref: Any, batch: Mapping, *, policy=None) -> torch.Tensor:
                 "ref is the policy model itself: pass a frozen copy (e.g. copy.deepcopy(model) before training) "
                 f'or ref="{DISABLE_ADAPTERS}" for a peft model'
             )
-        _check_patched(ref, "reference model")
+        check_patched(ref, "reference model")
         return _forward_logps(ref, batch).to(target_device)
     raise ValueError(
         f"ref must be a model, {DISABLE_ADAPTERS!r}, {PRECOMPUTED!r} or None, got {type(ref).__name__}"

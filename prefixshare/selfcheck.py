@@ -1,9 +1,11 @@
 """The self-check: prove on the user's own model that the patched forward gives the plain model's numbers.
 
-``patch`` runs it for any architecture the project has not verified (and on request): a few random prompts
+``patch`` runs it once per model and backend (``verify=False`` skips it): a few random prompts
 with two responses each go through the patched model as one prefix-shared batch (unpacked and packed into
 one row), and each prompt+response alone through the original attention (the same model, called without a
-layout). Per-token log-probs must agree within a tolerance set by the model's dtype, and so must the
+layout). It is what proves, on the user's own model, what the structural reading
+(:mod:`prefixshare.structure`) cannot see: positions taken from somewhere other than ``position_ids``, a
+token mixer hidden inside an MLP, a feature a kernel would ignore. Per-token log-probs must agree within a tolerance set by the model's dtype, and so must the
 gradients of one attention layer's parameters and of every parameter held directly by an attention module
 (an attention-sink vector that a kernel ignored would get no gradient). It runs in eval mode (no dropout)
 on the model's own device and dtype and leaves parameters, gradients and modes as it found them.
@@ -11,11 +13,14 @@ on the model's own device and dtype and leaves parameters, gradients and modes a
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .architectures import UnsupportedModelError
 from .collators import PrefixShareCollator
 from .structure import eval_mode, text_attention_modules, unwrap_model
+from .testing.exactness import gradient_error
 
 # normwise relative error allowed between the prefix-shared and the alone run, by the model's dtype: the two
 # runs sum in different orders (different shapes), nothing more; a leak between responses is far larger
@@ -23,6 +28,9 @@ from .structure import eval_mode, text_attention_modules, unwrap_model
 # attention layer float32 2e-6, bfloat16 2e-2, float16 3e-3)
 TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 GRADIENT_TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-6, torch.bfloat16: 1e-1, torch.float16: 2e-2}
+
+# gradients are compared per parameter on the larger of its own scale and this fraction of the largest entry
+GRADIENT_FLOOR = 0.1
 
 # (prompt length, response lengths) of the probe's examples: a one-token prompt, unequal responses
 _SHAPES = ((5, (3, 6)), (1, (4, 2)), (9, (1, 5)))
@@ -35,6 +43,9 @@ class SelfCheckError(UnsupportedModelError):
 def _probe_examples(model, seed: int) -> list[dict]:
     config = model.config
     vocabulary = model.get_input_embeddings().num_embeddings
+    head = model.get_output_embeddings()
+    if isinstance(getattr(head, "out_features", None), int):  # ids the LM head predicts too (Mllama, Moshi: fewer)
+        vocabulary = min(vocabulary, head.out_features)
     # ids that make a multimodal model expect an image (image/video/audio tokens) are left out
     special = {
         value
@@ -52,28 +63,84 @@ def _probe_examples(model, seed: int) -> list[dict]:
     ]
 
 
-def _per_token_logps(logits: torch.Tensor, layout, input_ids: torch.Tensor) -> torch.Tensor:
-    """``[T]`` float32 log-probs of every response token, grouped by response in input order."""
+def _has_lm_head(model) -> bool:
+    return isinstance(getattr(model, "get_output_embeddings", lambda: None)(), torch.nn.Module)
+
+
+def _shared_values(model, batch) -> torch.Tensor:
+    """Per response token, grouped by response in input order: ``[T]`` float32 log-probs for a language model;
+    ``[T, H]`` last hidden states for a model without an LM head (a reward model's score head reads them)."""
+    layout, input_ids = batch.layout, batch["input_ids"]
+    order = torch.sort(layout.response_index, stable=True).indices
+    if not _has_lm_head(model):
+        hidden = model(**batch, output_hidden_states=True).hidden_states[-1]
+        return hidden.reshape(-1, hidden.shape[-1])[layout.target_index][order].float()
+    logits = model(**batch).logits
     flat = logits.reshape(-1, logits.shape[-1])
     targets = input_ids.reshape(-1)[layout.target_index]
     values = torch.log_softmax(flat[layout.predictor_index].float(), -1).gather(-1, targets[:, None])[:, 0]
-    return values[torch.sort(layout.response_index, stable=True).indices]
+    return values[order]
 
 
-def _alone_logps(model, examples, device) -> torch.Tensor:
+def _alone_values(model, examples, device) -> torch.Tensor:
+    """The same values, each prompt+response run alone."""
     values = []
     for example in examples:
         prompt = example["prompt_input_ids"]
         for response in example["responses_input_ids"]:
             ids = torch.tensor([prompt + response], device=device)
+            if not _has_lm_head(model):
+                values.append(model(input_ids=ids, use_cache=False, output_hidden_states=True).hidden_states[-1][0, len(prompt) :].float())
+                continue
             logits = model(input_ids=ids, use_cache=False).logits[0]
             values.append(torch.log_softmax(logits[len(prompt) - 1 : -1].float(), -1).gather(-1, ids[0, len(prompt) :, None])[:, 0])
     return torch.cat(values)
 
 
+def _finite_parts(value: torch.Tensor, reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Both tensors with their nan/inf entries zeroed, or None if those entries differ (place or value).
+
+    A diverged model (a nan weight) gives nan in both runs at the same places: that is no difference of the
+    layout, so only the finite entries are compared.
+    """
+    value, reference = value.detach().float(), reference.detach().float()
+    finite = torch.isfinite(reference)
+    same = (value == reference) | (value.isnan() & reference.isnan()) | finite
+    if not bool(same.all()) or not bool((torch.isfinite(value) == finite).all()):
+        return None
+    return value.where(finite, 0.0), reference.where(finite, 0.0)
+
+
 def _relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
-    scale = reference.detach().float().abs().max().clamp_min(torch.finfo(torch.float32).tiny)
-    return float((value.detach().float() - reference.detach().float()).abs().max() / scale)
+    parts = _finite_parts(value, reference)
+    if parts is None:
+        return float("inf")
+    value, reference = parts
+    scale = reference.abs().max().clamp_min(torch.finfo(torch.float32).tiny)
+    return float((value - reference).abs().max() / scale)
+
+
+def _refuse_position_handling(model, device, error: float) -> None:
+    """Raise a SelfCheckError naming the cause if the model does not take its positions from ``position_ids``
+    numbered 0, 1, 2, ... (what the collators give); return if its positions look right."""
+    ids = torch.arange(3, 9, device=device)[None]
+    with torch.no_grad():
+        given = model(input_ids=ids, position_ids=torch.arange(6, device=device)[None], use_cache=False).logits
+        moved = model(input_ids=ids, position_ids=torch.tensor([[0, 1, 2, 2, 3, 4]], device=device), use_cache=False).logits
+        own = model(input_ids=ids, use_cache=False).logits
+    name = type(model).__name__
+    if torch.equal(given, moved):
+        why = ("its forward ignores the position_ids it is given (it numbers positions by the token's index in the "
+               "row), so a response cannot restart at the prompt's length")  # fmt: skip
+    elif not torch.allclose(given, own, rtol=1e-4, atol=1e-5):
+        why = ("its own positions are not numbered 0, 1, 2, ... (the position_ids prefix sharing gives; RoBERTa-style "
+               "embeddings start after the padding index)")  # fmt: skip
+    else:
+        return
+    raise SelfCheckError(
+        f"prefixshare cannot make {name} exact: {why}; the prefix-shared log-probs differ by {error:.3g}. "
+        "The model is left unpatched."
+    )
 
 
 def _checked_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
@@ -86,6 +153,24 @@ def _checked_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
             if p.requires_grad and p.is_floating_point():
                 chosen[id(p)] = p
     return [(names.get(k, "?"), p) for k, p in chosen.items()]
+
+
+# bitsandbytes (0.50) repacks a 4-bit layer for good for a bfloat16-only CPU kernel (no backward) the first time
+# it runs in eval mode without grad on a CPU with AVX512-BF16, unless this attribute is False: the self-check's
+# no-grad forwards must not switch the user's QLoRA layers to it
+_BNB_CPU_BF16_SWITCH = "support_avx512bf16_for_cpu"
+
+
+@contextlib.contextmanager
+def _bitsandbytes_default_path(model):
+    switched = [m for m in model.modules() if getattr(m, _BNB_CPU_BF16_SWITCH, False) is True]
+    for module in switched:
+        setattr(module, _BNB_CPU_BF16_SWITCH, False)
+    try:
+        yield
+    finally:
+        for module in switched:
+            setattr(module, _BNB_CPU_BF16_SWITCH, True)
 
 
 def self_check(model, *, seed: int = 0) -> dict[str, float]:
@@ -104,42 +189,59 @@ def self_check(model, *, seed: int = 0) -> dict[str, float]:
     errors: dict[str, float] = {}
     parameters = _checked_parameters(inner)
     distributed = any(type(p).__name__ == "DTensor" for _, p in parameters)
-    with eval_mode(inner):
+    with eval_mode(inner), _bitsandbytes_default_path(inner):
         with torch.no_grad():
-            alone = _alone_logps(inner, examples, device)
+            alone = _alone_values(inner, examples, device)
         for rows in (None, longest * len(examples)):
             batch = PrefixShareCollator(0, max_tokens_per_row=rows)(examples).to(device)
             with torch.no_grad():
-                shared = _per_token_logps(inner(**batch).logits, batch.layout, batch["input_ids"])
+                shared = _shared_values(inner, batch)
             error = _relative_error(shared, alone)
             errors["logps" if rows is None else "logps_packed"] = error
+            if not error <= tolerance:
+                _refuse_position_handling(inner, device, error)
             if not error <= tolerance:  # (NaN fails too)
                 raise SelfCheckError(
                     f"prefixshare self-check failed on {type(inner).__name__} ({dtype}): the prefix-shared "
                     f"{'packed ' if rows else ''}batch's log-probs differ from each prompt+response run alone by "
-                    f"{error:.3g} (normwise relative; allowed {tolerance:g}). The model is left unpatched: its "
-                    "attention does something the prefix-shared kernels do not reproduce (a parameter or a "
-                    "feature they ignore, or tokens mixing outside attention). Try another backend, or report it."
+                    f"{error:.3g} (normwise relative; allowed {tolerance:g}). The model is left unpatched: it does "
+                    "something a prefix-shared batch does not reproduce: positions taken from something other than "
+                    "the position_ids it is given (the token's index in the row), an attention parameter or feature "
+                    "the kernels ignore, or tokens mixing outside attention. Try another backend, or report it."
                 )
         if parameters and not distributed:
             tensors = [p for _, p in parameters]
             batch = PrefixShareCollator(0, max_tokens_per_row=longest * len(examples))(examples).to(device)
             weights = torch.randn(len(alone), generator=torch.Generator().manual_seed(seed + 1)).to(device)
-            shared = _per_token_logps(inner(**batch).logits, batch.layout, batch["input_ids"])
+            try:
+                shared = _shared_values(inner, batch)
+            except NotImplementedError as error:
+                if "no backward pass on CPU" not in str(error):
+                    raise
+                return errors  # FlexAttention on CPU runs forward only: its gradients cannot be computed here
+            weights = weights.view(-1, *[1] * (shared.dim() - 1))
             got = torch.autograd.grad((shared * weights).sum(), tensors, allow_unused=True)
-            want = torch.autograd.grad((_alone_logps(inner, examples, device) * weights).sum(), tensors, allow_unused=True)
-            worst = 0.0
-            for (name, p), g, w in zip(parameters, got, want):
-                if w is None:
-                    continue
-                error = float("inf") if g is None else _relative_error(g, w)
-                if not error <= gradient_tolerance:
-                    raise SelfCheckError(
-                        f"prefixshare self-check failed on {type(inner).__name__} ({dtype}): the gradient of {name} "
-                        + ("is missing in the prefix-shared forward (the kernel ignores that parameter)" if g is None
-                           else f"differs from the runs alone by {error:.3g} (allowed {gradient_tolerance:g})")
-                        + ". The model is left unpatched."
-                    )
-                worst = max(worst, error)
+            want = torch.autograd.grad((_alone_values(inner, examples, device) * weights).sum(), tensors, allow_unused=True)
+            # each parameter on the larger of its own scale and a tenth of the largest gradient entry (see
+            # prefixshare.testing.gradient_error: a key bias's true gradient is zero, its computed one noise)
+            missing = [name for (name, _), g, w in zip(parameters, got, want) if w is not None and g is None]
+            if missing:
+                raise SelfCheckError(
+                    f"prefixshare self-check failed on {type(inner).__name__} ({dtype}): the gradient of {missing[0]} "
+                    "is missing in the prefix-shared forward (the kernel ignores that parameter). The model is left "
+                    "unpatched."
+                )
+            pairs = {n: _finite_parts(g, w) for (n, _), g, w in zip(parameters, got, want) if w is not None}
+            different = [n for n, parts in pairs.items() if parts is None]
+            worst, name = (float("inf"), different[0]) if different else gradient_error(
+                {n: parts[0] for n, parts in pairs.items()}, {n: parts[1] for n, parts in pairs.items()},
+                floor=GRADIENT_FLOOR,
+            )
+            if not worst <= gradient_tolerance:
+                raise SelfCheckError(
+                    f"prefixshare self-check failed on {type(inner).__name__} ({dtype}): the gradient of {name} "
+                    f"differs from the runs alone by {worst:.3g} (allowed {gradient_tolerance:g}). The model is left "
+                    "unpatched."
+                )
             errors["gradients"] = worst
     return errors

@@ -75,16 +75,28 @@ def text_model_type(model) -> str | None:
 def text_attention_modules(model, model_type: str | None = None) -> list[nn.Module]:
     """The attention modules of the text decoder inside ``model`` that dispatch through the interface.
 
-    Modules of a vision or audio tower are left out (their config is of another ``model_type``).
+    Modules of a vision or audio tower are left out (their config is of another ``model_type``), and so is
+    cross-attention to an encoder (:func:`is_cross_attention`).
     """
     model_type = model_type or text_model_type(model)
     found = []
-    for module in model.modules():
-        if dispatches_attention(type(module)):
+    for name, module in model.named_modules():
+        if dispatches_attention(type(module)) and not is_cross_attention(name):
             config = getattr(module, "config", None)
             if config is None or getattr(config, "model_type", None) == model_type:
                 found.append(module)
     return found
+
+
+# attribute names under which a decoder layer holds attention over an encoder's states (Bart, Whisper, Marian...)
+_CROSS_ATTENTION_NAMES = ("encoder_attn", "cross_attn", "crossattention", "cross_attention")
+
+
+def is_cross_attention(qualified_name: str) -> bool:
+    """Whether the module at ``qualified_name`` attends to an encoder's states. A decoder used as a causal LM
+    alone never calls it (there are no encoder states), so it is not one of the layers the layout must reach;
+    called with encoder states, the prefix-shared kernels refuse it (keys of another length than the queries)."""
+    return qualified_name.rpartition(".")[2].lower() in _CROSS_ATTENTION_NAMES
 
 
 def decoder_layers(model) -> list[nn.Module]:
@@ -146,4 +158,116 @@ def token_mixing_problems(model) -> list[str]:
         plural = len(indices) > 1
         where = f"decoder layer{'s' if plural else ''} {', '.join(map(str, indices))}" if indices[0] is not None else "the model"
         lines.append(f"{where} ({layer_class}) {why.format(s='' if plural else 'es', ve='ve' if plural else 's')}")
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------- attention
+# kinds of attention layer (``config.layer_types``) the kernels apply: causal attention over the whole unit, or
+# over a window of logical positions (the window comes with each call as ``sliding_window``)
+ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+# what other attention layer types do, for the refusal message
+_LAYER_TYPE_WHY = {
+    "chunked_attention": "attention within fixed chunks of physical positions (Llama 4), applied only through "
+    "the model's own mask",
+    "indexed_attention": "sparse attention over keys an indexer selects from the physical sequence (DeepSeek "
+    "sparse attention)",
+    "heavily_compressed_attention": "attention over keys compressed from blocks of the physical sequence",
+}
+
+
+def attention_layer_type(module: nn.Module) -> str | None:
+    """The ``layer_types`` entry of an attention module's layer (``"sliding_attention"``...), or None if unknown."""
+    layer_type = getattr(module, "layer_type", None)
+    if isinstance(layer_type, str):
+        return layer_type
+    config, index = getattr(module, "config", None), getattr(module, "layer_idx", None)
+    types = getattr(config, "layer_types", None)
+    if isinstance(index, int) and isinstance(types, (list, tuple)) and 0 <= index < len(types):
+        return types[index] if isinstance(types[index], str) else None
+    return None
+
+
+@functools.cache
+def _builds_sliding_window_masks(cls: type) -> bool:
+    """Whether the modeling file of ``cls`` builds sliding-window masks (its model's forward does)."""
+    import sys
+
+    try:
+        return "create_sliding_window_causal_mask" in inspect.getsource(sys.modules[cls.__module__])
+    except (OSError, TypeError, KeyError):
+        return False
+
+
+def mask_only_window(module: nn.Module) -> int | None:
+    """The sliding window the model's own mask applies to ``module``'s layer when its attention call passes none.
+
+    A layer typed ``sliding_attention`` (Qwen2-MoE), or any layer of a model without layer types whose modeling
+    file builds sliding-window masks from ``config.sliding_window`` (PhiMoE): the window the model's mask would
+    have applied, which the layout's kernels must apply instead. None when no window applies; ``-1`` when the
+    layer is typed sliding but no window can be found.
+    """
+    config = getattr(module, "config", None)
+    layer_type = attention_layer_type(module)
+    configured = getattr(config, "sliding_window", None)
+    if layer_type == "sliding_attention":
+        window = getattr(module, "sliding_window", None) or configured
+        return window if isinstance(window, int) else -1
+    if layer_type is None and isinstance(configured, int) and _builds_sliding_window_masks(type(module)):
+        return configured
+    return None
+
+
+@functools.cache
+def _passes_sinks(cls: type) -> bool:
+    try:
+        return "s_aux" in inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return False
+
+
+def _softcap_of(module: nn.Module):
+    for owner in (module, getattr(module, "config", None)):
+        value = getattr(owner, "attn_logit_softcapping", None)
+        if value is not None:
+            return value
+    return None
+
+
+def attention_features(model) -> dict[str, list[str]]:
+    """The attention features of the text decoder that not every kernel applies: ``{feature: [module class]}``.
+
+    Features (names as in ``prefixshare.backends.FEATURES``): ``"attention sinks"`` (a learned per-head logit
+    in every softmax row, passed as ``s_aux``: GPT-OSS), ``"attention logit softcap"`` (Gemma2).
+    """
+    found: dict[str, list[str]] = {}
+    for module in text_attention_modules(unwrap_model(model)):
+        name = type(module).__name__
+        if _passes_sinks(type(module)):
+            found.setdefault("attention sinks", []).append(name)
+        if _softcap_of(module) is not None:
+            found.setdefault("attention logit softcap", []).append(name)
+    return {feature: sorted(set(names)) for feature, names in found.items()}
+
+
+def attention_problems(model) -> list[str]:
+    """Why the text decoder's attention layers cannot be made exact, one line per kind; [] if none.
+
+    A layer whose type (``config.layer_types``) is neither full nor sliding-window attention is refused
+    (chunked attention, indexer-selected sparse attention, compressed keys): its rule is applied by the model's
+    own mask or indexer on physical positions, which the layout replaces.
+    """
+    by_type: dict[tuple[str, str], list] = {}
+    for module in text_attention_modules(unwrap_model(model)):
+        layer_type = attention_layer_type(module)
+        if layer_type is not None and layer_type not in ATTENTION_LAYER_TYPES:
+            by_type.setdefault((layer_type, type(module).__name__), []).append(getattr(module, "layer_idx", "?"))
+    lines = []
+    for (layer_type, name), indices in by_type.items():
+        why = _LAYER_TYPE_WHY.get(layer_type, "an attention rule the kernels do not apply")
+        plural = "s" if len(indices) > 1 else ""
+        lines.append(
+            f"{layer_type!r} layer{plural} {', '.join(map(str, indices))} ({name}): {why}; prefixshare applies "
+            f"{' and '.join(ATTENTION_LAYER_TYPES)} layers"
+        )
     return lines

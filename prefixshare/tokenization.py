@@ -162,7 +162,8 @@ def _template_kwargs(example: Mapping) -> dict:
     return {"tools": tools, **extra}
 
 
-def _common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading token ids ``a`` and ``b`` share."""
     n = 0
     for x, y in zip(a, b):
         if x != y:
@@ -214,7 +215,7 @@ def _tokenize_one(example: Mapping, tokenizer, max_length: int | None) -> dict[s
         rejected_full = _text_ids(tokenizer, prompt + rejected)
 
     # The completion starts where the prompt's tokens and prompt+completion's tokens part.
-    prompt_length = min(_common_prefix_length(prompt_ids, chosen_full), _common_prefix_length(prompt_ids, rejected_full))
+    prompt_length = min(common_prefix_length(prompt_ids, chosen_full), common_prefix_length(prompt_ids, rejected_full))
     if prompt_length < len(prompt_ids):
         warnings.warn(
             "tokenize_preference: the tokenized prompt is not a prefix of the tokenized prompt+completion (tokens "

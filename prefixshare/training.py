@@ -20,14 +20,16 @@ from typing import Any
 
 import torch
 
-from .collators import LAYOUT_KEY
+from .layout import LAYOUT_KEY
 from .engine import response_logps
 from .losses import LOSSES, REFERENCE_FREE, preference_loss
+from .moe import capture_router_logits, load_balancing_loss, moe_routing
+from .moe import router_aux_loss_coef as router_aux_loss_coef_of
 from .reference import (
     DISABLE_ADAPTERS,
     PRECOMPUTED,
     REFERENCE_LOGPS_KEY,
-    _check_patched,
+    check_patched,
     model_inputs,
     reference_logps,
 )
@@ -42,6 +44,7 @@ def preference_step(
     ref: Any = None,
     loss: str = "dpo",
     beta: float = 0.1,
+    router_aux_loss_coef: float | None = None,
     **loss_options,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The loss of one batch of preference pairs and its metrics; call ``loss.backward()`` yourself.
@@ -60,11 +63,17 @@ def preference_step(
               ``ref`` and run no reference forward pass.
         loss: a name of :data:`prefixshare.losses.LOSSES` (dpo, robust, hinge, ipo, simpo, orpo, rpo, nll).
         beta: the loss's beta.
+        router_aux_loss_coef: mixture-of-experts models: the weight of the router's load-balancing loss added to
+            the loss, as TRL's ``DPOTrainer``: ``None`` takes the config's ``router_aux_loss_coef``, for a model
+            whose text config has ``output_router_logits``; ``0.0`` turns it off. The loss is computed over the
+            batch's real tokens, each prompt once (:func:`prefixshare.moe.load_balancing_loss`) and logged as
+            ``aux_loss``.
         **loss_options: the loss's own options (``reduction``, ``label_smoothing``, ``gamma``, ...).
 
     Returns:
         ``(loss, metrics)`` from :func:`prefixshare.losses.preference_loss`: a scalar loss with a graph to the
-        policy's trainable parameters, and detached scalar metrics (``rewards/accuracies`` etc.).
+        policy's trainable parameters, and detached scalar metrics (``rewards/accuracies`` etc.; ``aux_loss``
+        for a MoE model with the load-balancing loss, whose weighted value is part of ``loss``).
 
     Raises:
         ValueError: unknown loss; a reference needed but ``ref`` is None; an unpatched policy or reference;
@@ -77,7 +86,7 @@ def preference_step(
             f"expected a batch from PrefixShareCollator or PairedCollator (a mapping with {LAYOUT_KEY!r}), "
             f"got {type(batch).__name__}"
         )
-    _check_patched(model, "policy model")
+    check_patched(model, "policy model")
     layout = batch[LAYOUT_KEY]
     if layout.num_responses != 2:
         raise ValueError(
@@ -100,7 +109,13 @@ def preference_step(
         reference = reference_logps(ref, batch, policy=model)
 
     inputs = model_inputs(batch)
-    policy = response_logps(model, inputs)  # the LM head only where response tokens are predicted
+    coef = router_aux_loss_coef_of(model, router_aux_loss_coef)
+    if coef:
+        with capture_router_logits(model) as captured:
+            policy = response_logps(model, {**inputs, "output_router_logits": True})
+        aux_loss = load_balancing_loss(captured.router_logits, layout, **dict(zip(("num_experts", "top_k"), moe_routing(model))))
+    else:
+        policy = response_logps(model, inputs)  # the LM head only where response tokens are predicted
     logps, num_tokens = policy.logps, policy.num_tokens.to(policy.logps.device)
     given = dict(
         policy_chosen_logps=logps[:, 0],
@@ -110,4 +125,8 @@ def preference_step(
     )
     if reference is not None:
         given.update(reference_chosen_logps=reference[:, 0], reference_rejected_logps=reference[:, 1])
-    return preference_loss(loss, beta=beta, **given, **loss_options)
+    value, metrics = preference_loss(loss, beta=beta, **given, **loss_options)
+    if coef:
+        value = value + coef * aux_loss.to(value.device)
+        metrics = {**metrics, "aux_loss": aux_loss.detach()}
+    return value, metrics

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import prefixshare
-from prefixshare import bench_groups, cli
-from prefixshare.stats import group_stats
-from prefixshare.tiny import tiny_model
+from prefixshare.tools import bench_groups, cli
+from prefixshare.tools.stats import group_stats
+from prefixshare.testing import tiny_model
 
 
 def test_group_stats_counts_tokens_and_attention_pairs():

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from prefixshare import bench, cli
-from prefixshare.stats import dataset_stats, load_preference_file
+from prefixshare.tools import bench, cli
+from prefixshare.data import load_preferences
+from prefixshare.tools.stats import dataset_stats
 
 SHARED = Path(os.environ.get("PREFIXSHARE_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 
@@ -37,13 +38,13 @@ def test_load_preference_file_formats(tmp_path):
     as_list = tmp_path / "d.json"
     as_list.write_text(json.dumps(rows))
     for path in (jsonl, as_list):
-        loaded = load_preference_file(str(path))
+        loaded = load_preferences(str(path))
         assert loaded[0] == rows[0]
         assert loaded[1]["prompt"] == [{"role": "user", "content": "hi"}]
         assert loaded[1]["chosen"] == [{"role": "assistant", "content": "yo"}]
     (tmp_path / "bad.json").write_text(json.dumps([["not", "an", "object"]]))
     with pytest.raises(ValueError, match="example 0"):
-        load_preference_file(str(tmp_path / "bad.json"))
+        load_preferences(str(tmp_path / "bad.json"))
 
 
 @pytest.mark.skipif(not (SHARED / "tokenizers").exists(), reason="needs ../shared (real tokenizer and data)")
@@ -79,6 +80,17 @@ def test_bench_runs_side_by_side(tmp_path, capsys):
     assert {m["format"] for m in data["measurements"]} == set(bench.FORMATS)
     assert {m["backend"] for m in data["measurements"]} == {"sdpa", "varlen"}
     assert (tmp_path / "bench-cpu-tiny.png").stat().st_size > 0
+
+
+def test_bench_reward_model_format(tmp_path, capsys):
+    """--reward-model: a sequence-classification model, every format; fails on main (no such option)."""
+    cli.main([
+        "bench", "--reward-model", "--profiles", "hh-rlhf", "--backends", "sdpa", "--examples-per-step", "2",
+        "--steps", "1", "--length-scale", "0.1", "--out-dir", str(tmp_path),
+    ])
+    assert "model tiny reward model" in capsys.readouterr().out
+    data = json.loads((tmp_path / "bench-cpu-tiny-rm.json").read_text())
+    assert data["reward_model"] and {m["format"] for m in data["measurements"]} == set(bench.FORMATS)
 
 
 def toy_data(folder, n):
@@ -119,10 +131,10 @@ def test_bench_rejects_bad_input(tmp_path, capsys):
 def test_bench_reports_a_format_that_runs_out_of_memory_and_goes_on(monkeypatch, tmp_path):
     time_format = bench.time_format
 
-    def out_of_memory_for_paired(model, collator, batches, device, native=False):
+    def out_of_memory_for_paired(model, collator, batches, device, native=False, **options):
         if isinstance(collator, bench.PairedCollator) and not native and collator.max_tokens_per_row is None:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
-        return time_format(model, collator, batches, device, native=native)
+        return time_format(model, collator, batches, device, native=native, **options)
 
     monkeypatch.setattr(bench, "time_format", out_of_memory_for_paired)
     examples = bench.examples_from_lengths(bench.synthetic_lengths("tldr", 4, scale=0.05), vocab_size=8192)
@@ -147,7 +159,7 @@ def test_bench_memory_mode(tmp_path, capsys):
     Even at this size the formats separate: the fused engine holds one [64, V] block, the [T, V] path
     all T rows, paired-native every position of both paired rows. Fails on main (no --memory).
     """
-    from prefixshare import bench_memory
+    from prefixshare.tools import bench_memory
 
     cli.main([
         "bench", "--memory", "--vocabs", "8192", "--tokens", "1024", "--hidden-size", "32", "--chunk-size", "64",

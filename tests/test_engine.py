@@ -25,10 +25,11 @@ import pytest
 import torch
 
 import prefixshare as ps
+from prefixshare._compat import TRANSFORMERS_VERSION
 from prefixshare import engine
 from prefixshare.engine import STATS, LogitProcessing, LogitProcessingMismatch, logit_processing
 from prefixshare.testing import logps_alone, random_examples, relative_error
-from prefixshare.tiny import ARCHITECTURE_NAMES, tiny_model
+from prefixshare.testing import ARCHITECTURE_NAMES, tiny_model
 
 VOCAB = 96
 TOL = 1e-5
@@ -163,6 +164,7 @@ def full_logit_stats(model, batch):
         "logsumexp": torch.logsumexp(z, -1),
         "argmax_match": (z.argmax(-1) == targets).float(),
         "mean_logit": z.mean(-1),
+        "log_sum_sq_probs": torch.log((log_p.exp() ** 2).sum(-1)),
     }
 
 
@@ -231,10 +233,10 @@ def test_token_index_and_padding():
 def _tiny(config_class, **extra):
     import transformers
 
-    from prefixshare.tiny import _COMMON
+    from prefixshare.testing import TINY_SIZES
 
     torch.manual_seed(0)
-    config = config_class(**{**_COMMON, **extra})
+    config = config_class(**{**TINY_SIZES, **extra})
     return transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").train()
 
 
@@ -279,6 +281,8 @@ def test_final_logit_processing_of_later_architectures(name):
     config_class, extra, expected = LATER[name]
     model = _tiny(config_class, **extra)
     assert logit_processing(model) == expected
+    if not getattr(model, "_supports_attention_backend", False):  # e.g. GraniteMoe in transformers 4.57
+        pytest.skip(f"{type(model).__name__} computes attention itself in this transformers: it cannot be patched")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "patching unverified model_type" (Gemma3 is verified)
         ps.patch(model, allow_unverified=True)
@@ -300,6 +304,9 @@ def test_final_logit_processing_of_models_prefixshare_cannot_patch(name):
     }[name]  # fmt: skip
     model = _tiny(config_class, **extra)
     assert logit_processing(model) == expected
+    if name == "recurrent_gemma" and TRANSFORMERS_VERSION.major < 5:
+        pytest.skip("RecurrentGemma of transformers 4.57 keeps its recurrent state between forwards: its own plain "
+                    "forward fails on a second backward, so the comparison cannot run there")
     check_engine(model, random_examples(3, VOCAB, seed=14), lambda examples: ps.PairedCollator(0)(examples), chunk_size=5)
 
 
@@ -307,7 +314,7 @@ def test_gemma3_for_conditional_generation_applies_no_final_softcap():
     """Gemma3ForConditionalGeneration's forward ignores a text config's final softcap; so does the engine."""
     import transformers
 
-    from prefixshare.tiny import tiny_config
+    from prefixshare.testing import tiny_config
 
     config = transformers.Gemma3Config(
         text_config=tiny_config("gemma3", final_logit_softcapping=3.0).to_dict(),

@@ -15,7 +15,7 @@ import torch
 
 import prefixshare
 from prefixshare import completion_logps, group_completions
-from prefixshare.tiny import tiny_model
+from prefixshare.testing import tiny_model
 
 TOL = 1e-5
 PAD = 0

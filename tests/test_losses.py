@@ -8,21 +8,39 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from prefixshare.logps import TokenIndex
 from prefixshare.losses import (
     LOSSES,
     REFERENCE_FREE,
+    TRL_LOSS_TYPES,
+    aot_loss,
+    aot_unpaired_loss,
+    apo_down_loss,
+    apo_zero_loss,
+    bco_pair_loss,
+    bradley_terry_loss,
+    discopop_loss,
     dpo_loss,
+    exo_pair_loss,
+    f_divergence_scores,
     hinge_loss,
     ipo_loss,
+    length_desensitized_logps,
+    nca_pair_loss,
     nll_loss,
     orpo_loss,
     preference_loss,
     robust_dpo_loss,
     rpo_loss,
+    sft_loss,
+    sigmoid_norm_loss,
     simpo_loss,
+    sppo_hard_loss,
+    wpo_weights,
 )
 
 N = 7
+BATCH_COUPLED = {"aot", "aot_unpaired"}  # losses of the sorted batch, not of each pair
 METRIC_NAMES = {
     "rewards/chosen",
     "rewards/rejected",
@@ -308,6 +326,256 @@ def test_nll_formula(seed, length_normalize):
     )
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# TRL 1.16's other loss types, written out per pair from TRL's DPOTrainer._compute_loss (read, not imported)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def sigmoid(x: float) -> float:
+    return math.exp(logsigmoid(x))
+
+
+def ratios(inputs):
+    """Per pair: (log-ratio chosen, log-ratio rejected, n_c, n_r, policy margin, reference margin)."""
+    return [(pc - rc, pr - rr, nc, nr, pc - pr, rc - rr) for pc, pr, rc, rr, nc, nr in rows(inputs)]
+
+
+def per_pair_formula(name, inputs, beta, **o):
+    out = []
+    for c, r, nc, nr, _, _ in ratios(inputs):
+        h = c - r
+        if name == "exo_pair":
+            e, z = o["label_smoothing"], beta * h
+            out.append(sigmoid(z) * (logsigmoid(z) - math.log1p(-e)) + sigmoid(-z) * (logsigmoid(-z) - math.log(e)))
+        elif name == "nca_pair":
+            out.append(-logsigmoid(beta * c) - 0.5 * logsigmoid(-beta * c) - 0.5 * logsigmoid(-beta * r))
+        elif name == "bco_pair":
+            d = o.get("reward_shift", 0.0)
+            out.append(-logsigmoid(beta * c - d) - logsigmoid(-(beta * r - d)))
+        elif name == "sppo_hard":
+            out.append((c - 0.5 / beta) ** 2 + (r + 0.5 / beta) ** 2)
+        elif name == "apo_zero":
+            out.append(1 - sigmoid(beta * c) + sigmoid(beta * r))
+        elif name == "apo_down":
+            out.append(sigmoid(beta * c) + 1 - sigmoid(beta * (c - r)))
+        elif name == "discopop":
+            z, tau = beta * h, o.get("tau", 0.05)
+            m = sigmoid(z / tau)
+            out.append(-logsigmoid(z) * (1 - m) + math.exp(-z) * m)
+        elif name == "sigmoid_norm":
+            out.append(-logsigmoid(beta * (c / nc - r / nr)))
+    return out
+
+
+def sorted_formula(name, inputs, beta, eps):
+    if name == "aot":
+        a = sorted(m for *_, m, _ in ratios(inputs))
+        b = sorted(ref for *_, ref in ratios(inputs))
+    else:
+        a = sorted(c for c, *_ in ratios(inputs))
+        b = sorted(r for _, r, *_ in ratios(inputs))
+    return [-(1 - eps) * logsigmoid(beta * (x - y)) - eps * logsigmoid(-beta * (x - y)) for x, y in zip(a, b)]
+
+
+NEW_PER_PAIR = [
+    ("exo_pair", exo_pair_loss, {"label_smoothing": 1e-3}),
+    ("exo_pair", exo_pair_loss, {"label_smoothing": 0.2}),
+    ("nca_pair", nca_pair_loss, {}),
+    ("bco_pair", bco_pair_loss, {}),
+    ("bco_pair", bco_pair_loss, {"reward_shift": 0.3}),
+    ("sppo_hard", sppo_hard_loss, {}),
+    ("apo_zero", apo_zero_loss, {}),
+    ("apo_down", apo_down_loss, {}),
+    ("discopop", discopop_loss, {}),
+    ("discopop", discopop_loss, {"tau": 0.5}),
+    ("sigmoid_norm", sigmoid_norm_loss, {}),
+]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize(("name", "fn", "options"), NEW_PER_PAIR, ids=[f"{n}{o}" for n, _, o in NEW_PER_PAIR])
+def test_trl_loss_formulas(seed, name, fn, options):
+    inputs = make_inputs(seed)
+    counts = (inputs["chosen_num_tokens"], inputs["rejected_num_tokens"]) if name == "sigmoid_norm" else ()
+    check_reductions(
+        lambda r: fn(*ref_args(inputs), *counts, beta=0.07, reduction=r, **options),
+        per_pair_formula(name, inputs, 0.07, **options),
+    )
+    # the dispatcher takes the same options under TRL's name
+    loss, _ = preference_loss(name, beta=0.07, **inputs, **options)
+    torch.testing.assert_close(loss, torch.tensor(per_pair_formula(name, inputs, 0.07, **options), dtype=torch.float64).mean())
+
+
+@pytest.mark.parametrize("name", ["aot", "aot_unpaired"])
+@pytest.mark.parametrize("eps", [0.0, 0.1, 0.7])
+def test_aot_formulas_sort_the_batch(name, eps):
+    inputs = make_inputs(3)
+    fn = aot_loss if name == "aot" else aot_unpaired_loss
+    check_reductions(
+        lambda r: fn(*ref_args(inputs), beta=0.2, label_smoothing=eps, reduction=r),
+        sorted_formula(name, inputs, 0.2, eps),
+    )
+
+
+def test_sft_is_one_token_mean_over_the_batch():
+    """TRL's sft term: -(all chosen token log-probs) / (all chosen tokens), not a mean of per-pair means."""
+    inputs = make_inputs(6)
+    pc, nc = inputs["policy_chosen_logps"], inputs["chosen_num_tokens"]
+    check_reductions(lambda r: sft_loss(pc, nc, reduction=r), (-pc * N / nc.sum()).tolist())
+    loss, metrics = sft_loss(pc, nc, policy_rejected_logps=inputs["policy_rejected_logps"])
+    assert loss.item() == pytest.approx(-pc.sum().item() / nc.sum().item(), rel=1e-12)
+    assert set(metrics) == {"logps/chosen", "logps/rejected", "nll_loss"}
+    assert loss.item() != pytest.approx(nll_loss(pc, nc)[0].item(), rel=1e-3)  # unequal lengths: not nll's mean
+
+
+# ---------------------------------------------------------------------------------------------------------------- f-DPO
+
+
+def f_prime(kind, lr, alpha=0.5):
+    if kind == "reverse_kl":
+        return lr
+    if kind == "forward_kl":
+        return 1 - math.exp(-lr)
+    if kind == "js_divergence":
+        return math.log(2) + logsigmoid(lr)
+    return (math.exp((alpha - 1) * lr) - 1) / (alpha - 1)
+
+
+F_CASES = [("forward_kl", 0.5), ("js_divergence", 0.5), ("alpha_divergence", 0.5), ("alpha_divergence", 0.3)]
+F_LOSSES = ["dpo", "robust", "hinge", "ipo", "exo_pair", "discopop", "sigmoid_norm"]
+
+
+@pytest.mark.parametrize(("kind", "alpha"), F_CASES)
+@pytest.mark.parametrize("name", F_LOSSES)
+def test_f_divergences_replace_log_ratios_by_f_prime(name, kind, alpha):
+    """Under an f-divergence a loss on the margin is that loss on f'(ratio) differences (TRL's f-DPO); the rewards
+    stay beta * log-ratios."""
+    inputs = {k: (v / 20 if v.is_floating_point() else v) for k, v in make_inputs(7).items()}  # |log-ratio| < 3
+    options = {"exo_pair": {"label_smoothing": 1e-2}, "robust": {"label_smoothing": 0.1}}.get(name, {})
+    got, metrics = preference_loss(
+        name, beta=0.5, reduction="none", f_divergence=kind, f_alpha_divergence_coef=alpha, **options, **inputs
+    )
+    # the same loss on reverse-KL inputs whose log-ratios ARE f'(ratio): reference 0, policy = f'(ratio)
+    scores = {side: torch.tensor([f_prime(kind, x, alpha) for x in (inputs[f"policy_{side}_logps"]
+              - inputs[f"reference_{side}_logps"]).tolist()], dtype=torch.float64) for side in ("chosen", "rejected")}
+    zero = torch.zeros(N, dtype=torch.float64)
+    want, _ = preference_loss(
+        name, beta=0.5, reduction="none", policy_chosen_logps=scores["chosen"], policy_rejected_logps=scores["rejected"],
+        reference_chosen_logps=zero, reference_rejected_logps=zero, chosen_num_tokens=inputs["chosen_num_tokens"],
+        rejected_num_tokens=inputs["rejected_num_tokens"], **options,
+    )
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    _, plain = preference_loss(name, beta=0.5, **options, **inputs)
+    assert metrics == plain
+
+
+def test_alpha_divergence_near_one_is_reverse_kl_and_clamps():
+    lr = torch.tensor([-3.0, 0.0, 2.0], dtype=torch.float64)
+    torch.testing.assert_close(f_divergence_scores(lr, "alpha_divergence", 1.0 + 1e-8), lr)
+    big = f_divergence_scores(torch.tensor([1000.0]), "alpha_divergence", 2.0)
+    assert torch.isfinite(big).all() and big.item() == pytest.approx(math.exp(80.0) - 1, rel=1e-6)
+
+
+@pytest.mark.parametrize("name", ["nca_pair", "bco_pair", "sppo_hard", "apo_zero", "apo_down", "aot", "aot_unpaired"])
+def test_losses_without_f_generalization_refuse_f_divergence(name):
+    with pytest.raises(ValueError, match=rf"{name} loss does not take option\(s\) \['f_divergence'\]"):
+        preference_loss(name, f_divergence="forward_kl", **make_inputs(0))
+
+
+def test_bad_f_divergence_and_exo_smoothing():
+    with pytest.raises(ValueError, match=r"dpo loss: unknown f_divergence 'kl'; choose from \['reverse_kl'"):
+        dpo_loss(*ref_args(make_inputs(0)), f_divergence="kl")
+    for eps in (0.0, 1.0):
+        with pytest.raises(ValueError, match=r"exo_pair loss needs label_smoothing in \(0, 1\), got .*1e-3"):
+            exo_pair_loss(*ref_args(make_inputs(0)), label_smoothing=eps)
+    with pytest.raises(ValueError, match=r"discopop loss needs tau > 0"):
+        discopop_loss(*ref_args(make_inputs(0)), tau=0.0)
+    with pytest.raises(ValueError, match=r"aot loss needs label_smoothing in \[0, 1\]"):
+        aot_loss(*ref_args(make_inputs(0)), label_smoothing=1.5)
+
+
+# ---------------------------------------------------------------------------------------------------------------- WPO, LD-DPO
+
+
+def per_token_pairs(seed=0):
+    """Per-token values of n=3 pairs in the engine's form: token_logps [T], TokenIndex, num_tokens [3, 2]."""
+    g = torch.Generator().manual_seed(seed)
+    num_tokens = torch.tensor([[3, 5], [4, 2], [1, 1]])
+    example, response, position = [], [], []
+    for i in range(3):
+        for k in range(2):
+            for j in range(int(num_tokens[i, k])):
+                example.append(i), response.append(k), position.append(j)
+    index = TokenIndex(*(torch.tensor(v) for v in (example, response, position)))
+    T = len(example)
+    token_logps = -torch.rand(T, generator=g, dtype=torch.float64) * 3
+    lssp = -torch.rand(T, generator=g, dtype=torch.float64) * 2
+    return token_logps, lssp, index, num_tokens
+
+
+def test_wpo_weights_are_products_of_length_normalized_aligned_probabilities():
+    token_logps, lssp, index, num_tokens = per_token_pairs()
+    weights = wpo_weights(token_logps.requires_grad_(), lssp, index, num_tokens)
+    want = []
+    for i in range(3):
+        w = 1.0
+        for k in range(2):
+            sel = (index.example == i) & (index.response == k)
+            w *= math.exp(float((token_logps.detach()[sel] - lssp[sel]).sum()) / int(num_tokens[i, k]))
+        want.append(w)
+    torch.testing.assert_close(weights, torch.tensor(want, dtype=torch.float64))
+    assert not weights.requires_grad
+    # as weights= of a loss: each per-pair loss multiplied, the gradient not through the weights
+    inputs = make_inputs(0, n=3)
+    plain, _ = dpo_loss(*ref_args(inputs), reduction="none")
+    weighted, _ = dpo_loss(*ref_args(inputs), reduction="none", weights=weights)
+    torch.testing.assert_close(weighted, plain * weights)
+    with pytest.raises(ValueError, match=r"dpo loss: weights must be a tensor of shape \[3\]"):
+        dpo_loss(*ref_args(inputs), weights=weights[:2])
+
+
+def test_length_desensitized_logps_damp_the_longer_tail():
+    token_logps, _, index, num_tokens = per_token_pairs(1)
+    token_logps.requires_grad_()
+    got = length_desensitized_logps(token_logps, index, num_tokens, alpha=0.25)
+    want = torch.zeros(3, 2, dtype=torch.float64)
+    for t in range(len(token_logps)):
+        i, k, j = int(index.example[t]), int(index.response[t]), int(index.position[t])
+        shared = int(num_tokens[i].min())
+        want[i, k] += token_logps[t].item() * (1.0 if j < shared else 0.25)
+    torch.testing.assert_close(got, want)
+    got.sum().backward()
+    assert sorted(set(token_logps.grad.tolist())) == [0.25, 1.0]
+    # alpha = 1: the plain sums
+    plain = length_desensitized_logps(token_logps.detach(), index, num_tokens, alpha=1.0)
+    torch.testing.assert_close(plain.sum(), token_logps.detach().sum())
+
+
+# ---------------------------------------------------------------------------------------------------------------- reward models
+
+
+@pytest.mark.parametrize("coef", [None, 0.01])
+@pytest.mark.parametrize("with_margin", [False, True])
+def test_bradley_terry_formula_and_metrics(coef, with_margin):
+    g = torch.Generator().manual_seed(2)
+    chosen, rejected = torch.randn(N, generator=g, dtype=torch.float64), torch.randn(N, generator=g, dtype=torch.float64)
+    margin = torch.rand(N, generator=g, dtype=torch.float64) if with_margin else None
+    expected = [
+        -logsigmoid(c - r - (m if with_margin else 0.0)) + (coef or 0.0) * (c + r) ** 2
+        for c, r, m in zip(chosen.tolist(), rejected.tolist(), (margin if with_margin else chosen).tolist())
+    ]
+    check_reductions(
+        lambda red: bradley_terry_loss(chosen, rejected, margin=margin, center_rewards_coefficient=coef, reduction=red),
+        expected,
+    )
+    _, metrics = bradley_terry_loss(chosen, rejected, margin=margin)
+    both = chosen.tolist() + rejected.tolist()
+    assert metrics["accuracy"].item() == pytest.approx(mean([float(c > r) for c, r in zip(chosen, rejected)]))
+    assert metrics["margin"].item() == pytest.approx(mean((chosen - rejected).tolist()))
+    assert (metrics["min_reward"].item(), metrics["max_reward"].item()) == (min(both), max(both))
+    assert metrics["mean_reward"].item() == pytest.approx(mean(both))
+
+
 def test_low_precision_inputs_are_computed_in_float32():
     inputs = make_inputs(0, dtype=torch.bfloat16)
     loss, metrics = dpo_loss(*ref_args(inputs))
@@ -412,7 +680,7 @@ def test_gradients_reach_policy_logps_only(name, reduction):
     loss.backward()
     chosen_grad = inputs["policy_chosen_logps"].grad
     assert chosen_grad is not None and torch.isfinite(chosen_grad).all() and chosen_grad.abs().sum() > 0
-    if name != "nll":
+    if name not in ("nll", "sft"):  # the NLL of the chosen responses alone
         rejected_grad = inputs["policy_rejected_logps"].grad
         assert rejected_grad is not None and torch.isfinite(rejected_grad).all() and rejected_grad.abs().sum() > 0
     # The reference is a constant of every objective.
@@ -443,9 +711,9 @@ def test_dpo_gradient_matches_derivative(eps):
 
 
 def test_registry():
-    assert set(LOSSES) == {"dpo", "sigmoid", "robust", "hinge", "ipo", "simpo", "orpo", "rpo", "nll"}
+    assert set(LOSSES) == {"dpo", "simpo", "orpo", "rpo", "nll"} | set(TRL_LOSS_TYPES)
     assert LOSSES["sigmoid"] is LOSSES["dpo"] is dpo_loss
-    assert REFERENCE_FREE == {"simpo", "orpo", "nll"}
+    assert REFERENCE_FREE == {"simpo", "orpo", "nll", "sft"}
     assert REFERENCE_FREE <= set(LOSSES)
 
 
@@ -535,7 +803,7 @@ def test_default_beta_is_point_one():
 
 def test_unknown_loss_name_lists_known_ones():
     inputs = make_inputs(0)
-    known = "dpo, hinge, ipo, nll, orpo, robust, rpo, sigmoid, simpo"
+    known = ", ".join(sorted(LOSSES))
     with pytest.raises(ValueError, match=rf"unknown loss 'kto'; known losses: {known}"):
         preference_loss("kto", **inputs)
 
@@ -676,6 +944,9 @@ def test_check_finite_false_lets_non_finite_logps_through(name, arg):
     inputs[arg][0] = float("nan")
     inputs[arg][3] = float("-inf")
     per_pair, metrics = preference_loss(name, **inputs, reduction="none", check_finite=False)
+    if name in BATCH_COUPLED:  # aot sorts the batch: a nan moves every term, and shows in the loss
+        assert bool(torch.isnan(per_pair).any())
+        return
     want, _ = preference_loss(name, **clean, reduction="none")
     others = [i for i in range(N) if i not in (0, 3)]
     assert torch.equal(per_pair[others], want[others])

@@ -27,10 +27,10 @@ from prefixshare import (
 from prefixshare._compat import enable_gradient_checkpointing, get_attn_implementation
 from prefixshare.logps import gather_response_logps
 from prefixshare.testing import compare_with_alone, logps_alone, random_examples, relative_error
-from prefixshare.tiny import ARCHITECTURE_NAMES, tiny_model
+from prefixshare.testing import ARCHITECTURE_NAMES, tiny_model
 
 TOLERANCE = 1e-5
-VOCAB = 96  # prefixshare.tiny's vocabulary
+VOCAB = 96  # prefixshare.testing.tiny_model vocabulary
 PAD = 0
 N_EXAMPLES = 3
 
@@ -313,7 +313,7 @@ def test_gemma3_multimodal_patches_its_text_decoder_only():
     """Gemma3ForConditionalGeneration: the text decoder is patched and exact, the vision tower keeps its kernel."""
     import transformers
 
-    from prefixshare.tiny import tiny_config
+    from prefixshare.testing import tiny_config
 
     config = transformers.Gemma3Config(
         text_config=tiny_config("gemma3").to_dict(),
@@ -356,38 +356,34 @@ def _phi():
     return transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
 
 
-def test_unsupported_architecture_is_refused_naming_the_supported_ones():
-    model = _phi()
-    with pytest.raises(UnsupportedModelError) as info:
-        patch(model)
-    message = str(info.value)
-    assert "phi" in message and "allow_unverified" in message
-    for architecture in prefixshare.ARCHITECTURES:
-        assert architecture.name in message
-    assert isinstance(info.value, ValueError)
-    assert not is_patched(model)
-
-
-def test_allow_unverified_patches_with_a_warning_and_is_exact():
+def test_an_architecture_outside_the_old_list_patches_with_no_flag_and_is_exact():
+    """Phi (partial rotary): support comes from the model's structure, not a list of names. (Before #14:
+    UnsupportedModelError without allow_unverified=True.)"""
     ref = _phi()
     model = copy.deepcopy(ref)
-    with pytest.warns(UserWarning, match="unverified"):
-        assert patch(model, allow_unverified=True) is model
+    assert patch(model) is model
     assert is_patched(model)
     assert_exact(compare_with_alone(ref, model, examples(seed=10), COLLATORS["prefix-packed"]()))
 
 
-def test_allow_unverified_still_needs_the_attention_interface():
+def test_allow_unverified_is_accepted_and_deprecated():
+    model = _phi()
+    with pytest.warns(DeprecationWarning, match="allow_unverified"):
+        assert patch(model, allow_unverified=True) is model
+    assert is_patched(model)
+
+
+def test_attention_outside_the_interface_is_refused_naming_it():
     import transformers
 
-    config = transformers.StableLmConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4
-    )
+    config = transformers.BloomConfig(vocab_size=VOCAB, hidden_size=64, n_layer=2, n_head=4)
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     if getattr(model, "_supports_attention_backend", False):
-        pytest.skip("StableLm routes attention through the attention interface in this transformers")
-    with pytest.raises(UnsupportedModelError, match="AttentionInterface"):
-        patch(model, allow_unverified=True)
+        pytest.skip("Bloom routes attention through the attention interface in this transformers")
+    with pytest.raises(UnsupportedModelError, match="AttentionInterface") as info:
+        patch(model)
+    assert "BloomBlock" in str(info.value)
+    assert not is_patched(model)
 
 
 # ---------------------------------------------------------------------------------------------- bad inputs
@@ -466,11 +462,14 @@ def test_ddp_wrapped_model(tmp_path):
 
 
 def test_logps_of_the_patched_batch_come_back_in_input_order():
-    """A light end-to-end check of the public path model(**batch) -> gather_response_logps."""
+    """model(**batch) -> gather_response_logps puts example i at index i, whatever the packing reordered: each
+    row equals that example run alone, and the check can fail (a shuffled order is far off)."""
     model = patch(fresh("gemma"))
     batch = PrefixShareCollator(PAD, max_tokens_per_row=80)(examples(seed=14))
+    assert [pl.unit.example for pl in batch.layout.placements] != list(range(N_EXAMPLES)), "packing must reorder"
     with torch.no_grad():
-        logps = gather_response_logps(model(**batch).logits, batch)
-    assert logps.logps.shape == (N_EXAMPLES, 2)
-    assert torch.isfinite(logps.logps).all()
-    assert (logps.logps < 0).all()
+        logps = gather_response_logps(model(**batch).logits, batch).logps
+        alone = logps_alone(reference("gemma"), examples(seed=14))
+    assert relative_error(logps, alone) <= TOLERANCE
+    shuffled = logps[torch.tensor([1, 2, 0])]
+    assert relative_error(shuffled, alone) > 1e-2

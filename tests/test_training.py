@@ -44,7 +44,7 @@ from prefixshare.reference import (
     with_reference_logps,
 )
 from prefixshare.testing import random_examples
-from prefixshare.tiny import tiny_model
+from prefixshare.testing import tiny_model
 from prefixshare.training import preference_step
 
 ROOT = Path(__file__).resolve().parents[1]

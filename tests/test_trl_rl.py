@@ -1,6 +1,6 @@
 """PrefixShareGRPOTrainer / PrefixShareRLOOTrainer against TRL's own GRPOTrainer / RLOOTrainer.
 
-Each comparison trains a tiny Llama (prefixshare.tiny, float32, CPU) for 3 optimizer steps with both trainers
+Each comparison trains a tiny Llama (prefixshare.testing, float32, CPU) for 3 optimizer steps with both trainers
 from the same seed: generation (transformers' generate, sampling) is TRL's in both, so the completions are the
 same (checked: the reward function records them), and every logged value (loss, grad_norm, rewards, kl,
 entropy, clip ratios, completion lengths, ...) must agree within 1e-4 relative. Values that are zero in exact
@@ -31,7 +31,7 @@ from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer  # noqa: E402
 from prefixshare import is_patched  # noqa: E402
 from prefixshare.data import load_toy_preferences, toy_tokenizer  # noqa: E402
 from prefixshare.integrations.trl import PrefixShareGRPOTrainer, PrefixShareRLOOTrainer  # noqa: E402
-from prefixshare.tiny import tiny_model  # noqa: E402
+from prefixshare.testing import tiny_model  # noqa: E402
 
 RTOL, ATOL = 1e-4, 1e-6
 TIMING = ("step_time", "train_runtime", "train_samples_per_second", "train_steps_per_second")

@@ -2,12 +2,17 @@
 
 Each backend has the signature::
 
-    attend(module, query, key, value, layout, *, scaling, dropout, sliding_window, softcap)
-        query: [B, H, L, D]; key, value: [B, H_kv, L, D] (grouped-query: H_kv divides H), after RoPE
+    attend(module, query, key, value, layout, *, scaling, dropout, sliding_window, softcap, sinks=None)
+        query: [B, H, L, D]; key: [B, H_kv, L, D]; value: [B, H_kv, L, D_v] (grouped-query: H_kv divides H;
+            D_v may differ from D: DeepSeek's multi-head latent attention), after RoPE
         layout: the batch's PrefixShareLayout, on the query's device
-        -> (out [B, L, H, D], attention weights [B, H, L, L] or None)
+        sinks: None, or [H] learned per-head attention-sink logits (GPT-OSS): a virtual key every query sees,
+            with a value of zero, that only enlarges each softmax denominator by exp(sink)
+        -> (out [B, L, H, D_v], attention weights [B, H, L, L] or None)
 
-and derives its mask from the layout (prefixshare.masks), never from a rule of its own.
+and derives its mask from the layout (prefixshare.masks), never from a rule of its own. A feature a kernel
+cannot apply raises (never dropped): :data:`FEATURES` says which kernels apply which feature, and
+``prefixshare.patch`` refuses the combination before any forward runs.
 """
 
 from __future__ import annotations
@@ -24,4 +29,11 @@ BACKENDS = {
     "varlen": varlen_attention,
 }
 
-__all__ = ["BACKENDS", "eager_attention", "flex_attention", "sdpa_attention", "varlen_attention"]
+# attention features a model may have -> the backends that apply them (every backend applies sliding windows
+# in logical positions, grouped-query heads and a value head dim other than the query/key one)
+FEATURES = {
+    "attention sinks": ("eager", "sdpa", "flex_attention"),
+    "attention logit softcap": ("eager", "flex_attention", "varlen"),
+}
+
+__all__ = ["BACKENDS", "FEATURES", "eager_attention", "flex_attention", "sdpa_attention", "varlen_attention"]

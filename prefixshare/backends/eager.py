@@ -1,4 +1,4 @@
-"""Eager attention: explicit scores, additive float mask, softmax in float32, optional logit softcap."""
+"""Eager attention: explicit scores, additive float mask, softmax in float32, optional logit softcap and sinks."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ from ..masks import additive_mask
 from ._common import check_shapes, repeat_kv
 
 
-def eager_attention(module, query, key, value, layout, *, scaling, dropout=0.0, sliding_window=None, softcap=None):
+def eager_attention(
+    module, query, key, value, layout, *, scaling, dropout=0.0, sliding_window=None, softcap=None, sinks=None
+):
     """Shapes as in :mod:`prefixshare.backends`; returns the attention weights too, like transformers' eager."""
     n_rep = check_shapes(query, key)
     key, value = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
@@ -18,7 +20,15 @@ def eager_attention(module, query, key, value, layout, *, scaling, dropout=0.0, 
         # Gemma2 caps the logits before the mask is added, as its own eager path does
         scores = torch.tanh(scores / softcap) * softcap
     scores = scores + additive_mask(layout, scores.dtype, sliding_window)
+    if sinks is not None:
+        # GPT-OSS: one more logit per head in every softmax row, whose probability is then dropped (its value
+        # is zero); the row's other probabilities sum to less than one
+        B, H, L, _ = scores.shape
+        column = sinks.reshape(1, H, 1, 1).to(scores.dtype).expand(B, H, L, 1)
+        scores = torch.cat([scores, column], dim=-1)
     weights = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    if sinks is not None:
+        weights = weights[..., :-1]
     weights = nn.functional.dropout(weights, p=dropout, training=module.training)
     out = torch.matmul(weights, value).transpose(1, 2).contiguous()
     return out, weights

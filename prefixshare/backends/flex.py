@@ -67,7 +67,30 @@ def _flex_function(device: torch.device):
     return uncompiled
 
 
-def flex_attention(module, query, key, value, layout, *, scaling, dropout=0.0, sliding_window=None, softcap=None):
+def _lse_request() -> dict:
+    """The keyword that makes ``flex_attention`` also return the log-sum-exp of every query's scores."""
+    from torch.nn.attention import flex_attention as module
+
+    if hasattr(module, "AuxRequest"):  # torch >= 2.9 (return_lse is deprecated there)
+        return {"return_aux": module.AuxRequest(lse=True)}
+    return {"return_lse": True}
+
+
+def _apply_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
+    """Rescale a softmax-weighted output as if one more logit per head (the sink) had been in every row.
+
+    ``out`` [B, H, L, D_v] was normalized by ``exp(lse)``; with the sink the denominator is
+    ``exp(lse) + exp(sink)``, so each row is multiplied by ``exp(lse - logaddexp(lse, sink))``. Gradients
+    reach the sinks, and the scores through ``lse`` (FlexAttention differentiates its log-sum-exp).
+    """
+    lse = lse.float()
+    factor = torch.exp(lse - torch.logaddexp(lse, sinks.float().reshape(1, -1, 1)))
+    return (out.float() * factor[..., None]).to(out.dtype)
+
+
+def flex_attention(
+    module, query, key, value, layout, *, scaling, dropout=0.0, sliding_window=None, softcap=None, sinks=None
+):
     """Shapes as in :mod:`prefixshare.backends`; on CUDA the length is padded to a multiple of 128."""
     if dropout and module.training:
         raise ValueError("prefixshare: FlexAttention has no attention dropout; set attention_dropout=0 or use eager/sdpa")
@@ -98,5 +121,9 @@ def flex_attention(module, query, key, value, layout, *, scaling, dropout=0.0, s
         block_mask=block_mask(layout, sliding_window),
         scale=scaling,
         enable_gqa=n_rep > 1,
+        **({} if sinks is None else _lse_request()),
     )
+    if sinks is not None:
+        out, aux = out
+        out = _apply_sinks(out, getattr(aux, "lse", aux), sinks)
     return out[:, :, :L].transpose(1, 2).contiguous(), None

@@ -99,13 +99,26 @@ def _run_kernel(q, k, v, seq, *, scale, window_left, softcap, enable_gqa):
     return reference_varlen(q, k, v, seq, scale=scale, window_left=window_left, softcap=softcap, enable_gqa=enable_gqa)
 
 
-def varlen_attention(module, query, key, value, layout, *, scaling, dropout=0.0, sliding_window=None, softcap=None):
+def varlen_attention(
+    module, query, key, value, layout, *, scaling, dropout=0.0, sliding_window=None, softcap=None, sinks=None
+):
     """Shapes as in :mod:`prefixshare.backends`; padding positions come out as zeros."""
     if dropout and module.training:
         raise ValueError("prefixshare: the varlen backend has no attention dropout; set attention_dropout=0")
+    if sinks is not None:
+        raise ValueError(
+            "prefixshare: the varlen backend cannot apply this model's attention sinks (GPT-OSS): flash-attn's "
+            "varlen kernels have no sink; use prefixshare.patch(model, backend='eager'), 'sdpa' or 'flex_attention'"
+        )
     n_rep = check_shapes(query, key)
     B, H, L, D = query.shape
     H_kv = key.shape[1]
+    D_v = value.shape[-1]
+    if D_v != D:
+        # multi-head latent attention (DeepSeek): the kernels take one head dim. Zero features change no score
+        # (queries and keys) and add nothing to the output (values, cut off again below); the scale is explicit
+        D = max(D, D_v)
+        query, key, value = (torch.nn.functional.pad(t, (0, D - t.shape[-1])) for t in (query, key, value))
     seq = layout.varlen_sequences()
     q = query.transpose(1, 2).reshape(B * L, H, D)[seq.query_index]
     k = key.transpose(1, 2).reshape(B * L, H_kv, D)[seq.key_index]
@@ -117,5 +130,6 @@ def varlen_attention(module, query, key, value, layout, *, scaling, dropout=0.0,
         softcap=softcap,
         enable_gqa=n_rep > 1,
     )
-    result = out.new_zeros(B * L, H, D).index_copy(0, seq.query_index, out)
-    return result.view(B, L, H, D), None
+    out = out[..., :D_v]
+    result = out.new_zeros(B * L, H, D_v).index_copy(0, seq.query_index, out)
+    return result.view(B, L, H, D_v), None

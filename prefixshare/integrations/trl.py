@@ -17,8 +17,11 @@ What is overridden (TRL 1.x, verified with 1.16):
 * the data collator: :class:`PrefixShareDPOCollator` instead of ``DataCollatorForPreference`` (same
   ``max_length``/``keep_start`` truncation and ``pad_to_multiple_of``; optional packing of several pairs per row);
 * ``_compute_loss``: the policy's and the reference's forward passes on the prefix-shared batch, the loss from
-  :mod:`prefixshare.losses`, and TRL's metrics computed the way TRL computes them;
-* ``compute_ref_log_probs``: the reference forward used by ``precompute_ref_log_probs=True``.
+  :mod:`prefixshare.losses` (every ``loss_type`` of TRL 1.16, with ``loss_weights``, the f-divergences, WPO weights
+  and LD-DPO on the engine's per-token output), and TRL's metrics computed the way TRL computes them;
+* ``compute_ref_log_probs``: the reference forward used by ``precompute_ref_log_probs=True``;
+* ``prediction_step``: with ``compute_metrics`` (deprecated in TRL), the same ``EvalPrediction`` as TRL: the logits
+  of an extra forward on the paired rows, and those rows as labels.
 
 Everything else (model loading, PEFT wrapping, the reference model or disabled adapters, dataset
 preparation, precomputation, logging, evaluation, saving) is TRL's code.
@@ -38,14 +41,19 @@ Streaming (``IterableDataset``) training and evaluation sets work as map-style o
 ``accelerator_config.dispatch_batches=False`` (each process collates its own batches; accelerate's dispatching
 cannot split a prefix-shared batch), and raises for an explicit ``dispatch_batches=True``.
 
+``padding_free=True`` packs all the pairs of a batch into one row without padding (TRL 1.16 ignores the option and
+pads; the numbers are the same either way). It pays with kernels that skip masked blocks (varlen, flex_attention);
+eager and sdpa compute the whole row's square of scores.
+
 Options that prefix sharing does not cover raise ``ValueError`` in ``__init__`` rather than being ignored; see
-:data:`SUPPORTED_LOSS_TYPES` and the README's TRL section.
+docs/trl.md for the table, option by option. :class:`PrefixShareRewardTrainer` (``trl.RewardTrainer``'s drop-in) is
+re-exported here from :mod:`prefixshare.integrations.trl_reward`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import inspect
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -58,28 +66,46 @@ except ImportError as error:  # pragma: no cover - depends on the environment
 
 from accelerate.utils import is_peft_model
 
-from ..collators import LAYOUT_KEY, PrefixShareCollator
+from ..collators import PrefixShareCollator
+from ..layout import LAYOUT_KEY
 from ..engine import response_logps
 from ..logps import ResponseLogps
-from ..losses import nll_loss, preference_loss
-from ..patch import _unwrap, patch
+from ..losses import TRL_LOSS_TYPES, length_desensitized_logps, preference_loss, sft_loss, wpo_weights
+from ..patch import patch
+from ..structure import unwrap_model
+from .trl_common import (
+    PAIRED_TOKENS_KEY,
+    bind_trainer_arguments,
+    check_shared_trainer_options,
+    is_prompt_learning,
+    paired_tokens_per_row,
+)
 
-__all__ = ["PrefixShareDPOCollator", "PrefixShareDPOTrainer", "SUPPORTED_LOSS_TYPES"]
+__all__ = [
+    "PrefixShareDPOCollator",
+    "PrefixShareDPOTrainer",
+    "PrefixShareRewardCollator",
+    "PrefixShareRewardTrainer",
+    "SUPPORTED_LOSS_TYPES",
+]
 
-SUPPORTED_LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "sft")
-"""``DPOConfig.loss_type`` values PrefixShareDPOTrainer computes (alone or combined with ``loss_weights``; RPO is
-``loss_type=["sigmoid", "sft"], loss_weights=[1.0, alpha]``). The others raise."""
+SUPPORTED_LOSS_TYPES = TRL_LOSS_TYPES
+"""``DPOConfig.loss_type`` values PrefixShareDPOTrainer computes: all of TRL 1.16's, alone or combined with
+``loss_weights`` (RPO is ``loss_type=["sigmoid", "sft"], loss_weights=[1.0, alpha]``)."""
 
-PAIRED_TOKENS_KEY = "prefixshare_paired_tokens"
-"""Batch key: ``[B]`` long, per row, the number of tokens its pairs take in TRL's paired format (prompt counted
-twice); TRL's ``num_tokens`` metric counts these, so that the metric means the same thing with either trainer.
-One entry per row, like ``input_ids``, so that it concatenates and slices along dim 0 with the rest of the batch
-(a 0-d total could not be concatenated by accelerate)."""
+# TRL's loss types built on the chosen-rejected score difference: the only ones with an f-divergence
+# generalization (TRL refuses the others with a non-default f_divergence_type, in DPOTrainer.__init__)
+_F_DIVERGENCE_LOSSES = frozenset({"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop"})
+# the loss types that read DPOConfig.label_smoothing (TRL's sigmoid ignores it)
+_SMOOTHED_LOSSES = frozenset({"robust", "exo_pair", "aot", "aot_unpaired"})
+
 
 _MODEL_KEYS = ("input_ids", "position_ids", LAYOUT_KEY)
 
 # the per-token statistics behind TRL's metrics: entropy, logits/chosen and logits/rejected, mean_token_accuracy
 _METRIC_STATS = ("entropy", "mean_logit", "argmax_match")
+# and WPO's weights: log sum_v p_v^2 per token
+_WPO_STAT = "log_sum_sq_probs"
 
 # The DPOTrainer internals this module overrides or relies on; checked at import so that a TRL that has
 # moved them fails here rather than training wrongly.
@@ -115,6 +141,7 @@ class PrefixShareDPOCollator:
         pad_to_multiple_of: round the row length up to a multiple of this.
         max_tokens_per_row: pack pairs into rows of at most this many tokens (see
             :class:`~prefixshare.PrefixShareCollator`).
+        padding_free: pack all the pairs of each batch into one row, without padding (``DPOConfig.padding_free``).
     """
 
     def __init__(
@@ -123,7 +150,15 @@ class PrefixShareDPOCollator:
         max_length: int | None = None,
         pad_to_multiple_of: int | None = None,
         max_tokens_per_row: int | None = None,
+        padding_free: bool = False,
     ):
+        if padding_free and max_tokens_per_row is not None:
+            raise ValueError(
+                "give padding_free=True (every batch in one row) or max_tokens_per_row (rows of at most N tokens), "
+                "not both"
+            )
+        self.padding_free = bool(padding_free)
+        self.pad_to_multiple_of = pad_to_multiple_of
         self.collator = PrefixShareCollator(
             pad_token_id,
             max_tokens_per_row=max_tokens_per_row,
@@ -147,79 +182,171 @@ class PrefixShareDPOCollator:
         return example
 
     def __call__(self, examples: Sequence[Mapping]) -> dict[str, Any]:
-        batch = dict(self.collator([self._ids(e) for e in examples]))
+        ids = [self._ids(e) for e in examples]
+        collator = self.collator
+        if self.padding_free:  # one row holding every pair: a budget of the batch's total length
+            c = self.collator
+            collator = PrefixShareCollator(
+                c.pad_token_id, max_tokens_per_row=sum(c.unit_lengths(ids)), pad_to_multiple_of=c.pad_to_multiple_of,
+                max_length=c.max_length, truncation=c.truncation,
+            )  # fmt: skip
+        batch = dict(collator(ids))
         layout = batch[LAYOUT_KEY]
         if layout.num_responses != 2:
             raise ValueError(
                 f"PrefixShareDPOCollator takes preference pairs (a chosen and a rejected response); these examples "
                 f"have {layout.num_responses} responses each (responses_input_ids): the DPO loss would read only two"
             )
-        paired = torch.zeros(batch["input_ids"].shape[0], dtype=torch.long)
-        for p in layout.placements:
-            paired[p.row] += p.unit.prompt_length * len(p.unit.response_slots) + sum(p.unit.response_lengths)
-        batch[PAIRED_TOKENS_KEY] = paired
+        batch[PAIRED_TOKENS_KEY] = paired_tokens_per_row(layout)
         for key in ("ref_chosen_logps", "ref_rejected_logps"):
             if key in examples[0]:
                 batch[key] = torch.tensor([float(e[key]) for e in examples], dtype=torch.float32)
         return batch
 
 
+def paired_rows(batch: Mapping, pad_token_id: int, pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor]:
+    """The paired format of a prefix-shared pair batch, as TRL's ``DataCollatorForPreference`` lays it out.
+
+    ``input_ids`` and ``attention_mask``, ``[2n, L]`` long: ``prompt+chosen`` of every pair, then ``prompt+rejected``
+    of every pair, right-padded with ``pad_token_id`` to the longest (rounded up to ``pad_to_multiple_of``). Only for
+    what needs TRL's rows themselves (the logits ``compute_metrics`` is given); the training forward never builds
+    them.
+    """
+    layout = batch[LAYOUT_KEY]
+    flat = batch["input_ids"].reshape(-1).cpu()
+    L = batch["input_ids"].shape[1]
+    sequences: list[list[torch.Tensor]] = [[None] * layout.num_examples for _ in range(layout.num_responses)]
+    for p in layout.placements:
+        start = p.row * L + p.offset
+        prompt = flat[start : start + p.unit.prompt_length]
+        cursor = start + p.unit.prompt_length
+        for slot, length in zip(p.unit.response_slots, p.unit.response_lengths):
+            sequences[slot][p.unit.example] = torch.cat([prompt, flat[cursor : cursor + length]])
+            cursor += length
+    rows = [seq for slot in sequences for seq in slot]
+    longest = max(len(r) for r in rows)
+    if pad_to_multiple_of:
+        longest = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
+    input_ids = torch.full((len(rows), longest), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), longest), dtype=torch.long)
+    for i, r in enumerate(rows):
+        input_ids[i, : len(r)] = r
+        attention_mask[i, : len(r)] = 1
+    device = batch["input_ids"].device
+    return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
+
+
 # ---------------------------------------------------------------------------------------------- checks
 def _check_config(args: DPOConfig) -> None:
-    """Raise ValueError for DPOConfig settings PrefixShareDPOTrainer does not implement."""
+    """Raise ValueError for DPOConfig settings PrefixShareDPOTrainer does not implement, and for those TRL accepts
+    but would turn into nan or a crash mid-training (found here, before any step). Whatever ``DPOTrainer.__init__``
+    refuses itself (exo_pair without label smoothing, an f-divergence with a loss that has none, WPO with aot) is
+    left to it, so that the error is TRL's own."""
 
     def unsupported(what: str, hint: str = "") -> ValueError:
         return ValueError(f"PrefixShareDPOTrainer does not support {what}{'; ' + hint if hint else ''}")
 
     loss_types = list(args.loss_type)
-    others = [t for t in loss_types if t not in SUPPORTED_LOSS_TYPES]
-    if others:
-        raise unsupported(
-            f"loss_type {others}",
-            f"it supports {list(SUPPORTED_LOSS_TYPES)} (RPO: loss_type=['sigmoid', 'sft'], loss_weights=[1, alpha]); "
-            "use trl.DPOTrainer for the others",
+    unknown = [t for t in loss_types if t not in TRL_LOSS_TYPES]
+    if unknown:  # TRL's own wording (DPOTrainer raises it at the first step; here before any)
+        raise ValueError(f"Unknown loss type: {unknown[0]}. Should be one of {list(TRL_LOSS_TYPES)}")
+    smoothing = args.label_smoothing
+    if "robust" in loss_types and not 0.0 <= smoothing < 0.5:
+        # TRL only warns, then divides by 1 - 2 * label_smoothing (0 at 0.5) or flips the loss's sign beyond it
+        raise ValueError(
+            "The `label_smoothing` parameter should lie in [0.0, 0.5) for the 'robust' loss. You provided "
+            f"{smoothing}. (trl.DPOTrainer only warns, then divides by 1 - 2 * label_smoothing; PrefixShareDPOTrainer "
+            "refuses rather than train on that.)"
         )
-    if "robust" in loss_types and not 0.0 <= args.label_smoothing < 0.5:
-        raise ValueError(f"loss_type 'robust' needs label_smoothing in [0, 0.5), got {args.label_smoothing}")
-    if getattr(args, "f_divergence_type", "reverse_kl") != "reverse_kl":
-        raise unsupported(f"f_divergence_type={args.f_divergence_type!r}", "only 'reverse_kl' (standard DPO)")
-    if getattr(args, "use_weighting", False):
-        raise unsupported("use_weighting=True (WPO weights)")
-    if getattr(args, "ld_alpha", None) is not None:
-        raise unsupported("ld_alpha (LD-DPO)")
-    if getattr(args, "padding_free", False):
+    if "exo_pair" in loss_types and smoothing >= 1.0:
+        raise ValueError(f"loss_type 'exo_pair' needs label_smoothing in (0, 1) (log(1 - label_smoothing)), got {smoothing}")
+    if {"aot", "aot_unpaired"} & set(loss_types) and not 0.0 <= smoothing <= 1.0:
+        raise ValueError(f"loss_types 'aot' and 'aot_unpaired' need label_smoothing in [0, 1], got {smoothing}")
+    unweighable = [t for t in ("hinge", "sft") if t in loss_types]
+    if getattr(args, "use_weighting", False) and unweighable:
+        # TRL multiplies each loss by the WPO weights in place: sft's is an expanded scalar, hinge's the output relu
+        # saves for its backward, so trl.DPOTrainer raises a RuntimeError at the first step (1.16)
         raise unsupported(
-            "padding_free=True", "prefix sharing already removes most padding; pack rows with prefixshare_max_tokens_per_row"
+            f"use_weighting=True with loss_type {unweighable}",
+            "trl.DPOTrainer 1.16 fails on this combination at the first step (a RuntimeError from weighting those "
+            "losses in place), so there are no reference numbers to match; drop use_weighting or these loss types",
         )
     if getattr(args, "use_liger_kernel", False):
-        raise unsupported("use_liger_kernel=True")
+        raise unsupported(
+            "use_liger_kernel=True", "Liger's kernels are not verified with prefix-shared batches (deprecated in TRL)"
+        )
     if args.max_length is not None and args.truncation_mode != "keep_start":
         raise unsupported(
             f"truncation_mode={args.truncation_mode!r}",
             "keep_end cuts prompt+chosen and prompt+rejected at different prompt tokens, so they no longer share one "
             "prompt; use truncation_mode='keep_start' (TRL's default) or max_length=None",
         )
-    if getattr(getattr(args, "accelerator_config", None), "dispatch_batches", None) is True:
-        raise unsupported(
-            "accelerator_config.dispatch_batches=True",
-            "a prefix-shared batch cannot be concatenated across processes and re-split by rows (rows hold whole "
-            "pairs, packed rows several); leave dispatch_batches unset: each process then collates its own batches",
+    check_shared_trainer_options(args, unsupported, "trl.DPOTrainer")
+
+
+# ---------------------------------------------------------------------------------------------- trainer set-up
+def _check_trainer_arguments(arguments, config: DPOConfig, stop_on_nonfinite) -> None:
+    """Refuse, before TRL runs, what the prefix-shared trainer cannot do with these arguments."""
+    _check_config(config)
+    if not isinstance(stop_on_nonfinite, bool):
+        raise ValueError(f"prefixshare_stop_on_nonfinite must be True or False, got {stop_on_nonfinite!r}")
+    collator = arguments.get("data_collator")
+    if collator is not None and not isinstance(collator, PrefixShareDPOCollator):
+        raise ValueError(
+            f"PrefixShareDPOTrainer needs its own collator (PrefixShareDPOCollator), got {type(collator).__name__}; "
+            "leave data_collator unset"
         )
-    if getattr(args, "torch_compile", False):
-        raise unsupported("torch_compile=True", "not verified with prefix-shared attention")
-    parallelism = getattr(args, "parallelism_config", None)
-    if parallelism is not None:
-        sizes = {name: getattr(parallelism, name, None) or 1 for name in ("tp_size", "cp_size", "sp_size")}
-        if any(size > 1 for size in sizes.values()):
-            raise unsupported(f"tensor/context/sequence parallelism ({sizes})", "data parallelism and FSDP are fine")
+    if is_prompt_learning(arguments.get("model"), arguments.get("peft_config")):
+        raise ValueError(
+            "PrefixShareDPOTrainer does not support prompt-learning PEFT methods (prefix/prompt tuning): their "
+            "virtual tokens do not fit the prefix-shared layout; LoRA-style adapters are fine"
+        )
+    # Vision data with a text model: DPOTrainer.__init__ raises its own error (a processor is refused below).
 
 
-def _is_prompt_learning(model, peft_config) -> bool:
-    if peft_config is not None and getattr(peft_config, "is_prompt_learning", False):
-        return True
-    configs = getattr(model, "peft_config", None)
-    return isinstance(configs, Mapping) and any(getattr(c, "is_prompt_learning", False) for c in configs.values())
+def _processing_class(arguments, model, config: DPOConfig):
+    """The tokenizer, loaded as DPOTrainer loads it when none is given (the collator is built here, so DPOTrainer
+    skips that step); a processor (vision-language model) is refused."""
+    from transformers import AutoProcessor, ProcessorMixin
 
+    processing_class = arguments.get("processing_class")
+    if processing_class is None:
+        from trl.trainer.utils import get_config_model_id
+
+        model_id = model if isinstance(model, str) else get_config_model_id(model.config)
+        revision = (config.model_init_kwargs or {}).get("revision") if isinstance(model, str) else None
+        processing_class = AutoProcessor.from_pretrained(
+            model_id, revision=revision, trust_remote_code=config.trust_remote_code
+        )
+    if isinstance(processing_class, ProcessorMixin):
+        raise ValueError(
+            "PrefixShareDPOTrainer does not support vision-language models (a processor as processing_class); "
+            "pass a tokenizer"
+        )
+    return processing_class
+
+
+def _default_collator(tokenizer, config: DPOConfig, max_tokens_per_row: int | None) -> PrefixShareDPOCollator:
+    """The collator DPOTrainer would build, prefix-shared: its pad token chosen as DPOTrainer chooses it."""
+    pad_token = getattr(config, "pad_token", None) or tokenizer.pad_token or tokenizer.eos_token
+    if pad_token is None or pad_token not in tokenizer.get_vocab():
+        raise ValueError(
+            f"the pad token {pad_token!r} is not in the vocabulary of {type(tokenizer).__name__}; set "
+            "tokenizer.pad_token to a token it has"
+        )
+    tokenizer.pad_token = pad_token
+    if config.padding_free and max_tokens_per_row is not None:
+        raise ValueError(
+            "give padding_free=True (each batch in one row) or prefixshare_max_tokens_per_row (rows of at most "
+            "N tokens), not both"
+        )
+    return PrefixShareDPOCollator(
+        pad_token_id=tokenizer.pad_token_id,
+        max_length=config.max_length,
+        pad_to_multiple_of=config.pad_to_multiple_of,
+        max_tokens_per_row=max_tokens_per_row,
+        padding_free=config.padding_free,
+    )
 
 # ---------------------------------------------------------------------------------------------- trainer
 class PrefixShareDPOTrainer(DPOTrainer):
@@ -230,11 +357,13 @@ class PrefixShareDPOTrainer(DPOTrainer):
     prefix-shared batch (``generate()``, your own evaluation) run the original attention.
 
     Raises:
-        ValueError: an option prefix sharing does not cover (a loss type outside :data:`SUPPORTED_LOSS_TYPES`,
-            ``f_divergence_type``, ``use_weighting``, ``ld_alpha``, ``padding_free``, ``use_liger_kernel``,
-            ``truncation_mode='keep_end'``, ``torch_compile``, ``compute_metrics``, a data collator of another
-            kind, vision-language models or data, prompt-learning PEFT, Mixture-of-Experts auxiliary losses,
-            tensor/context/sequence parallelism, ``accelerator_config.dispatch_batches=True``).
+        ValueError: an option prefix sharing does not cover (``use_liger_kernel``, ``truncation_mode='keep_end'``,
+            ``torch_compile``, ``include_for_metrics=['inputs']``, a data collator of another kind, vision-language
+            models, prompt-learning PEFT, tensor/context/sequence parallelism, ``accelerator_config.dispatch_batches=
+            True``), or one trl.DPOTrainer accepts but fails on mid-training (``use_weighting`` with ``sft``,
+            ``label_smoothing`` out of a loss's range). See docs/trl.md.
+        NotImplementedError: a Mixture-of-Experts model with its router auxiliary loss enabled (the hook
+            :meth:`_prefixshare_router_aux_loss` is not implemented yet).
         prefixshare.UnsupportedModelError: an architecture :func:`prefixshare.patch` does not support.
         FloatingPointError: while training or evaluating with ``prefixshare_stop_on_nonfinite=True``, at the first
             step with nan/inf log-probs.
@@ -248,22 +377,10 @@ class PrefixShareDPOTrainer(DPOTrainer):
         prefixshare_stop_on_nonfinite: bool = False,
         **kwargs,
     ):
-        from transformers import AutoProcessor, ProcessorMixin
-
-        bound = inspect.signature(DPOTrainer.__init__).bind(self, *args, **kwargs)
+        bound = bind_trainer_arguments(DPOTrainer, DPOConfig, "DPO", self, args, kwargs)
         arguments = bound.arguments
-        model = arguments.get("model")
-        config = arguments.get("args")
-        if config is None:  # DPOTrainer's default config, made here so that it can be checked first
-            from trl.trainer.utils import get_config_model_id
-
-            name = model if isinstance(model, str) else get_config_model_id(model.config)
-            config = arguments["args"] = DPOConfig(f"{name.split('/')[-1]}-DPO")
-        _check_config(config)
-        if not isinstance(prefixshare_stop_on_nonfinite, bool):
-            raise ValueError(
-                f"prefixshare_stop_on_nonfinite must be True or False, got {prefixshare_stop_on_nonfinite!r}"
-            )
+        model, config = arguments.get("model"), arguments["args"]
+        _check_trainer_arguments(arguments, config, prefixshare_stop_on_nonfinite)
         # Accelerate dispatches batches by default for iterable (streaming) datasets: the main process collates
         # num_processes batches, concatenates them tensor by tensor, and hands each process a slice of rows. A
         # prefix-shared batch does not survive that (its layout is no tensor and indexes tokens by row, reference
@@ -271,60 +388,9 @@ class PrefixShareDPOTrainer(DPOTrainer):
         # exactly as with a map-style dataset. TRL does the same for streaming training sets (DPOTrainer.__init__
         # sets dispatch_batches=False); here it covers evaluation sets too. An explicit True raised above.
         config.accelerator_config.dispatch_batches = False
-
-        if arguments.get("compute_metrics") is not None:
-            raise ValueError(
-                "PrefixShareDPOTrainer does not support compute_metrics: it would need the paired-format logits "
-                "(deprecated in TRL as well)"
-            )
-        collator = arguments.get("data_collator")
-        if collator is not None and not isinstance(collator, PrefixShareDPOCollator):
-            raise ValueError(
-                f"PrefixShareDPOTrainer needs its own collator (PrefixShareDPOCollator), got {type(collator).__name__}; "
-                "leave data_collator unset"
-            )
-        if _is_prompt_learning(model, arguments.get("peft_config")):
-            raise ValueError(
-                "PrefixShareDPOTrainer does not support prompt-learning PEFT methods (prefix/prompt tuning): their "
-                "virtual tokens do not fit the prefix-shared layout; LoRA-style adapters are fine"
-            )
-        train_dataset = arguments.get("train_dataset")
-        if train_dataset is not None:
-            first = next(iter(train_dataset))
-            if "image" in first or "images" in first:
-                raise ValueError("PrefixShareDPOTrainer does not support vision-language data (an 'image(s)' column)")
-
-        # The tokenizer: loaded as DPOTrainer loads it, and its pad token chosen as DPOTrainer chooses it (the
-        # collator is built here, so DPOTrainer skips that step).
-        processing_class = arguments.get("processing_class")
-        if processing_class is None:
-            from trl.trainer.utils import get_config_model_id
-
-            model_id = model if isinstance(model, str) else get_config_model_id(model.config)
-            revision = (config.model_init_kwargs or {}).get("revision") if isinstance(model, str) else None
-            processing_class = arguments["processing_class"] = AutoProcessor.from_pretrained(
-                model_id, revision=revision, trust_remote_code=config.trust_remote_code
-            )
-        if isinstance(processing_class, ProcessorMixin):
-            raise ValueError(
-                "PrefixShareDPOTrainer does not support vision-language models (a processor as processing_class); "
-                "pass a tokenizer"
-            )
-        if collator is None:
-            tokenizer = processing_class
-            pad_token = getattr(config, "pad_token", None) or tokenizer.pad_token or tokenizer.eos_token
-            if pad_token is None or pad_token not in tokenizer.get_vocab():
-                raise ValueError(
-                    f"the pad token {pad_token!r} is not in the vocabulary of {type(tokenizer).__name__}; set "
-                    "tokenizer.pad_token to a token it has"
-                )
-            tokenizer.pad_token = pad_token
-            arguments["data_collator"] = PrefixShareDPOCollator(
-                pad_token_id=tokenizer.pad_token_id,
-                max_length=config.max_length,
-                pad_to_multiple_of=config.pad_to_multiple_of,
-                max_tokens_per_row=prefixshare_max_tokens_per_row,
-            )
+        processing_class = arguments["processing_class"] = _processing_class(arguments, model, config)
+        if arguments.get("data_collator") is None:
+            arguments["data_collator"] = _default_collator(processing_class, config, prefixshare_max_tokens_per_row)
         elif prefixshare_max_tokens_per_row is not None:
             raise ValueError("give prefixshare_max_tokens_per_row to the PrefixShareDPOCollator you pass, not both")
 
@@ -337,13 +403,20 @@ class PrefixShareDPOTrainer(DPOTrainer):
             if m is not None and not isinstance(m, str):
                 patch(m, backend=prefixshare_backend)
 
-        super().__init__(*bound.args[1:], **bound.kwargs)
+        # padding_free: TRL 1.16 warns that it falls back to padding; here the collator packs each batch into one row
+        # instead (built above), so TRL is shown padding_free=False and the flag is put back afterwards.
+        padding_free, config.padding_free = config.padding_free, False
+        try:
+            super().__init__(*bound.args[1:], **bound.kwargs)
+        finally:
+            config.padding_free = padding_free
+        self.padding_free = padding_free
 
-        if self.aux_loss_enabled:
-            raise ValueError("PrefixShareDPOTrainer does not support Mixture-of-Experts auxiliary losses")
         self._prefixshare_ensure_patched(self.model)
         if self.ref_model is not None:
             self._prefixshare_ensure_patched(self.ref_model)
+        if self.aux_loss_enabled:  # a MoE model that returns router logits, with a non-zero coefficient
+            self._prefixshare_router_aux_loss(None, None)
 
     # ------------------------------------------------------------------------------------------ helpers
     def _prefixshare_ensure_patched(self, model):
@@ -351,14 +424,14 @@ class PrefixShareDPOTrainer(DPOTrainer):
         if id(inner) not in self._prefixshare_patched:
             patch(inner, backend=self._prefixshare_backend)
             self._prefixshare_patched.add(id(inner))
-        return _unwrap(inner)
+        return unwrap_model(inner)
 
-    def _prefixshare_forward(self, model, batch: Mapping, *, stats: bool) -> ResponseLogps:
-        """One prefix-shared forward through the log-prob engine: ``[n, 2]`` log-probs with their graph and,
-        with ``stats``, the per-response sums of TRL's metric statistics (no graph)."""
+    def _prefixshare_forward(self, model, batch: Mapping, *, stats: tuple[str, ...] = (), per_token: bool = False):
+        """One prefix-shared forward through the log-prob engine: ``[n, 2]`` log-probs with their graph and the
+        requested per-token statistics (no graph); ``per_token``: also the ``[T]`` per-token log-probs."""
         self._prefixshare_ensure_patched(model)
         inputs = {key: batch[key] for key in _MODEL_KEYS}
-        return response_logps(model, inputs, stats=_METRIC_STATS if stats else ())
+        return response_logps(model, inputs, per_token=per_token, stats=stats)
 
     def _prefixshare_adapter_context(self):
         """DPOTrainer's reference for PEFT without a ref model: the "ref" adapter if any, else no adapter."""
@@ -369,7 +442,8 @@ class PrefixShareDPOTrainer(DPOTrainer):
             return use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
         return contextlib.nullcontext()
 
-    def _prefixshare_reference(self, model, batch: Mapping) -> ResponseLogps:
+    def _prefixshare_reference(self, model, batch: Mapping) -> torch.Tensor:
+        """The reference's ``[n, 2]`` log-probs (LD-DPO's when ``ld_alpha`` is set), without a graph."""
         from trl.models.utils import disable_gradient_checkpointing
 
         with (
@@ -377,25 +451,45 @@ class PrefixShareDPOTrainer(DPOTrainer):
             disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
             self._prefixshare_adapter_context(),
         ):
-            return self._prefixshare_forward(model, batch, stats=False)
+            ref = self._prefixshare_forward(model, batch, per_token=self.ld_alpha is not None)
+        return self._prefixshare_sequence_logps(ref)
+
+    def _prefixshare_sequence_logps(self, out: ResponseLogps) -> torch.Tensor:
+        """``[n, 2]``: the summed log-probs, or LD-DPO's (the longer response's tail weighted by ``ld_alpha``)."""
+        if self.ld_alpha is None:
+            return out.logps
+        return length_desensitized_logps(out.token_logps, out.token_index, out.num_tokens, alpha=self.ld_alpha)
+
+    def _prefixshare_router_aux_loss(self, model, inputs) -> torch.Tensor:
+        """HOOK (issue #14): the MoE load-balancing loss of the policy's prefix-shared forward, unweighted.
+
+        TRL adds ``router_aux_loss_coef * aux_loss`` to the loss and logs ``aux_loss``; its value is the
+        load-balancing loss over the batch's real tokens. With prefix sharing the tokens are the layout's (each
+        prompt once), so it needs the router logits of the engine's forward and the layout-aware aux-loss function
+        issue #14 adds; until then a MoE model with a non-zero coefficient is refused here (at construction).
+        """
+        raise NotImplementedError(
+            "PrefixShareDPOTrainer: the Mixture-of-Experts router auxiliary loss (router_aux_loss_coef="
+            f"{self.router_aux_loss_coef}) is not implemented for prefix-shared batches yet; set "
+            "router_aux_loss_coef=0.0 to train without it, or use trl.DPOTrainer"
+        )
 
     # ------------------------------------------------------------------------------------------ overrides
     def compute_ref_log_probs(self, model, inputs):
         """Reference log-probs of one prefix-shared batch: ``(chosen [n], rejected [n])`` (precompute path)."""
         with self.accelerator.autocast():
             ref = self._prefixshare_reference(model, inputs)
-        return ref.logps[:, 0], ref.logps[:, 1]
+        return ref[:, 0], ref[:, 1]
 
     def _compute_loss(self, model, inputs, return_outputs):
-        if return_outputs:
-            raise NotImplementedError(
-                "PrefixShareDPOTrainer computes no logits to return (compute_metrics and predict() with "
-                "prediction_loss_only=False are not supported); use prediction_loss_only=True"
-            )
         mode = "train" if self.model.training else "eval"
-        policy = self._prefixshare_forward(model, inputs, stats=True)
-        chosen_logps, rejected_logps = policy.logps[:, 0], policy.logps[:, 1]
-        chosen_tokens, rejected_tokens = policy.num_tokens[:, 0], policy.num_tokens[:, 1]
+        stats = _METRIC_STATS + ((_WPO_STAT,) if self.use_weighting else ())
+        policy = self._prefixshare_forward(
+            model, inputs, stats=stats, per_token=self.use_weighting or self.ld_alpha is not None
+        )
+        logps = self._prefixshare_sequence_logps(policy)
+        chosen_logps, rejected_logps = logps[:, 0], logps[:, 1]
+        num_tokens = policy.num_tokens.to(logps.device)
 
         if self.precompute_ref_logps:
             ref_chosen_logps, ref_rejected_logps = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
@@ -403,19 +497,21 @@ class PrefixShareDPOTrainer(DPOTrainer):
             # As DPOTrainer: the PEFT model with its adapters off (or its "ref" adapter), else the reference model.
             ref_model = self.model if (self.ref_model is None and is_peft_model(self.model)) else self.ref_model
             ref = self._prefixshare_reference(ref_model, inputs)
-            ref_chosen_logps, ref_rejected_logps = ref.logps[:, 0], ref.logps[:, 1]
+            ref_chosen_logps, ref_rejected_logps = ref[:, 0], ref[:, 1]
         if self._prefixshare_stop_on_nonfinite:
             self._prefixshare_check_finite(mode, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
 
+        weights = None
+        if self.use_weighting:  # WPO, from the policy's per-token log-probs and log sum p^2 (no [T, V] logits)
+            weights = wpo_weights(policy.token_logps, policy.stats[_WPO_STAT], policy.token_index, policy.num_tokens)
         # check_finite=False: like trl.DPOTrainer, nan/inf log-probs give a nan loss and nan metrics and training
         # goes on (the losses' own check would raise a ValueError mid-training and cost a device sync per step);
         # prefixshare_stop_on_nonfinite=True stops instead, above.
         loss = 0.0
         for loss_type, weight in zip(self.loss_types, self.loss_weights, strict=True):
             if loss_type == "sft":
-                # TRL's SFT term: one mean over all chosen tokens of the batch (token-weighted, not per pair)
-                summed, _ = nll_loss(chosen_logps, length_normalize=False, reduction="sum", check_finite=False)
-                term = summed / chosen_tokens.sum()
+                # TRL's SFT term: one mean over all chosen tokens of the batch, on the plain per-token log-probs
+                term, _ = sft_loss(policy.logps[:, 0], num_tokens[:, 0], check_finite=False)
             else:
                 term, _ = preference_loss(
                     loss_type,
@@ -423,17 +519,59 @@ class PrefixShareDPOTrainer(DPOTrainer):
                     policy_rejected_logps=rejected_logps,
                     reference_chosen_logps=ref_chosen_logps,
                     reference_rejected_logps=ref_rejected_logps,
-                    chosen_num_tokens=chosen_tokens,
-                    rejected_num_tokens=rejected_tokens,
+                    chosen_num_tokens=num_tokens[:, 0],
+                    rejected_num_tokens=num_tokens[:, 1],
                     beta=self.beta,
                     check_finite=False,
-                    # TRL applies label smoothing to the robust loss only (its sigmoid ignores it)
-                    **({"label_smoothing": self.label_smoothing} if loss_type == "robust" else {}),
+                    **self._prefixshare_loss_options(loss_type, weights),
                 )
             loss = loss + term * weight
 
-        self._prefixshare_log_metrics(mode, inputs, policy, ref_chosen_logps, ref_rejected_logps)
-        return loss
+        if self.aux_loss_enabled:
+            aux_loss = self._prefixshare_router_aux_loss(model, inputs)
+            loss = loss + self.router_aux_loss_coef * aux_loss
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
+
+        self._prefixshare_log_metrics(mode, inputs, policy, logps, ref_chosen_logps, ref_rejected_logps)
+        if not return_outputs:
+            return loss
+        # compute_metrics / predict(): TRL (deprecated there) gives the logits of an extra forward on its paired rows
+        warnings.warn(
+            "`return_outputs=True`, and the logits it passes to `compute_metrics`, are deprecated and will be removed "
+            "in v2.0.0. The fused LM head does not build the logits, so they are recomputed with an extra forward pass.",
+            FutureWarning,
+            stacklevel=2,
+        )
+        with torch.no_grad():
+            outputs = model(**self._prefixshare_paired_rows(inputs), use_cache=False)
+        return loss, outputs
+
+    def _prefixshare_loss_options(self, loss_type: str, weights) -> dict:
+        """The DPOConfig options TRL applies to ``loss_type``, as keyword arguments of its loss function."""
+        options = {}
+        if loss_type in _F_DIVERGENCE_LOSSES:
+            options.update(f_divergence=self.f_divergence_type, f_alpha_divergence_coef=self.f_alpha_divergence_coef)
+        if loss_type in _SMOOTHED_LOSSES:
+            options["label_smoothing"] = self.label_smoothing
+        if loss_type == "discopop":
+            options["tau"] = self.args.discopop_tau
+        if weights is not None:  # TRL refuses WPO with the aot losses itself, and we refuse it with sft
+            options["weights"] = weights
+        return options
+
+    def _prefixshare_paired_rows(self, inputs) -> dict:
+        collator = self.data_collator
+        pad_to = getattr(collator, "pad_to_multiple_of", None)
+        return paired_rows(inputs, collator.pad_token_id, pad_to)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys: list[str] | None = None):
+        """TRL's, with TRL's paired rows as the labels (TRL gives its batch's ``input_ids``, which are those rows)."""
+        if prediction_loss_only:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
+        return loss, outputs.logits, self._prefixshare_paired_rows(inputs)["input_ids"]
 
     def _prefixshare_check_finite(self, mode, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps):
         """Raise FloatingPointError if a log-prob of this step is nan or inf (``prefixshare_stop_on_nonfinite``).
@@ -461,8 +599,9 @@ class PrefixShareDPOTrainer(DPOTrainer):
                 "the trainer logs NaN metrics and goes on, as trl.DPOTrainer does."
             )
 
-    def _prefixshare_log_metrics(self, mode, inputs, policy: ResponseLogps, ref_chosen_logps, ref_rejected_logps):
-        """DPOTrainer's metrics, the same names and definitions, from the prefix-shared statistics."""
+    def _prefixshare_log_metrics(self, mode, inputs, policy: ResponseLogps, logps, ref_chosen_logps, ref_rejected_logps):
+        """DPOTrainer's metrics, the same names and definitions, from the prefix-shared statistics. ``logps``:
+        ``[n, 2]`` the log-probs the loss used (LD-DPO's when ``ld_alpha`` is set, as TRL logs them)."""
         gather, gather_for_metrics = self.accelerator.gather, self.accelerator.gather_for_metrics
         metrics = self._metrics[mode]
 
@@ -481,7 +620,7 @@ class PrefixShareDPOTrainer(DPOTrainer):
         metrics["logits/rejected"].append(ratio(sums["mean_logit"][:, 1].sum(), num_tokens[:, 1].sum()))
         metrics["mean_token_accuracy"].append(ratio(sums["argmax_match"][:, 0].sum(), num_tokens[:, 0].sum()))
 
-        chosen_logps, rejected_logps = policy.logps[:, 0].detach(), policy.logps[:, 1].detach()
+        chosen_logps, rejected_logps = logps[:, 0].detach(), logps[:, 1].detach()
         chosen_rewards = self.beta * (chosen_logps - ref_chosen_logps.detach())
         rejected_rewards = self.beta * (rejected_logps - ref_rejected_logps.detach())
         metrics["rewards/chosen"].append(gather(chosen_rewards).mean().item())
@@ -492,6 +631,8 @@ class PrefixShareDPOTrainer(DPOTrainer):
         metrics["logps/rejected"].append(gather(rejected_logps).mean().item())
 
 
+# trl.RewardTrainer's drop-in lives in its own module; importable from here like the DPO trainer
+from .trl_reward import PrefixShareRewardCollator, PrefixShareRewardTrainer  # noqa: E402
 # GRPO and RLOO (online RL with shared prompts) live in their own module, re-exported here: one import path.
 from .trl_rl import PrefixShareGRPOTrainer, PrefixShareRLOOTrainer  # noqa: E402
 

@@ -46,7 +46,8 @@ except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError("prefixshare.integrations.trl_rl needs TRL: pip install 'trl>=1.16'") from error
 
 from ..groups import completion_logps, group_completions
-from ..patch import _unwrap, patch
+from ..patch import patch
+from ..structure import unwrap_model
 
 __all__ = ["PrefixShareGRPOTrainer", "PrefixShareRLOOTrainer"]
 
@@ -175,7 +176,7 @@ class _PrefixShareRL:
         if id(inner) not in self._prefixshare_patched:
             patch(inner, backend=self._prefixshare_backend)
             self._prefixshare_patched.add(id(inner))
-        return _unwrap(inner)
+        return unwrap_model(inner)
 
     def _get_per_token_logps_and_entropies(
         self,

@@ -14,9 +14,9 @@ from typing import Sequence
 
 import torch
 
-from .collators import normalize_example
-from .engine import response_logps
-from .logps import token_logps
+from ..collators import normalize_example
+from ..engine import response_logps
+from ..logps import token_logps
 
 
 def random_examples(
@@ -85,6 +85,46 @@ def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
     return float((value.detach().float() - reference.detach().float()).abs().max() / scale)
 
 
+def gradient_error(grads: dict, reference: dict, *, floor: float = 0.0) -> tuple[float, str | None]:
+    """The worst parameter's gradient error: ``max |g - w| / max(max |w|, floor * G)`` over parameters, with ``G``
+    the largest ``|w|`` of any parameter; returns ``(error, parameter name)``. A parameter missing from
+    ``grads`` counts as an infinite error.
+
+    ``floor=0`` is the plain per-parameter normwise relative error. A positive floor measures parameters whose
+    gradient is tiny next to the model's on the model's scale: a key projection's bias has a gradient of exactly
+    zero in exact arithmetic (softmax ignores a shift common to every key), so its computed gradient is float32
+    rounding noise on both sides, and noise divided by noise is of order one.
+    """
+    scale = max((float(w.detach().abs().max()) for w in reference.values() if w.numel()), default=0.0)
+    worst, name = 0.0, None
+    for key, ref in reference.items():
+        if key not in grads:
+            return float("inf"), key
+        denominator = max(float(ref.detach().abs().max()) if ref.numel() else 0.0, floor * scale,
+                          torch.finfo(torch.float32).tiny)  # fmt: skip
+        error = float((grads[key].detach().float() - ref.detach().float()).abs().max()) / denominator
+        if not error < worst:  # (NaN wins)
+            worst, name = error, key
+    return worst, name
+
+
+def align_gradients(grads: dict, reference: dict) -> tuple[dict, dict, list[str]]:
+    """Both gradient dicts over the same parameters, and the names that got a non-zero gradient on one side only.
+
+    A parameter no token reached has no gradient at all (None): a mixture-of-experts expert that no token of the
+    runs alone chose, but a padding token of the batch did (its gradient is then exactly zero). Such a gradient
+    counts as the zero it is; a non-zero gradient on one side only is a real difference.
+    """
+    grads, reference = dict(grads), dict(reference)
+    one_sided = []
+    for name in sorted(grads.keys() ^ reference.keys()):
+        present = grads.get(name, reference.get(name))
+        if bool((present != 0).any()):
+            one_sided.append(name)
+        (reference if name in grads else grads)[name] = torch.zeros_like(present)
+    return grads, reference, one_sided
+
+
 def _loss_weights(shape, seed: int = 1234) -> torch.Tensor:
     # fixed random weights, so that gradients of chosen and rejected terms cannot cancel out by symmetry
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
@@ -98,7 +138,9 @@ def _trainable_grads(model) -> dict[str, torch.Tensor]:
     }
 
 
-def compare_with_alone(reference_model, patched_model, examples, collator, *, gradients: bool = True) -> Comparison:
+def compare_with_alone(
+    reference_model, patched_model, examples, collator, *, gradients: bool = True, gradient_floor: float = 0.0
+) -> Comparison:
     """Compare log-probs (and parameter gradients) of a prefix-shared forward with runs alone.
 
     The prefix-shared side runs through :func:`prefixshare.response_logps` (the log-prob engine every
@@ -111,6 +153,8 @@ def compare_with_alone(reference_model, patched_model, examples, collator, *, gr
         collator: a ``PrefixShareCollator`` or ``PairedCollator``.
         gradients: also compare the gradients of ``sum(w * logps)`` (fixed random ``w``) on every
             trainable parameter (both models' gradients are zeroed first and left set).
+        gradient_floor: see :func:`gradient_error` (0: every parameter on its own scale; 1: the whole gradient
+            as one vector).
     """
     device = next(patched_model.parameters()).device
     batch = collator(examples).to(device)
@@ -125,13 +169,9 @@ def compare_with_alone(reference_model, patched_model, examples, collator, *, gr
         weights = _loss_weights(want.shape).to(want.device)
         (want * weights).sum().backward()
         (got * weights).sum().backward()
-        ref_grads, grads = _trainable_grads(reference_model), _trainable_grads(patched_model)
-        if ref_grads.keys() != grads.keys():
-            raise AssertionError(f"different parameters received gradients: {sorted(ref_grads.keys() ^ grads.keys())}")
+        grads, ref_grads, one_sided = align_gradients(_trainable_grads(patched_model), _trainable_grads(reference_model))
+        if one_sided:
+            raise AssertionError(f"different parameters received gradients: {one_sided}")
         num_parameters = len(ref_grads)
-        grad_error = 0.0
-        for name, ref in ref_grads.items():
-            error = relative_error(grads[name], ref)
-            if error >= grad_error:
-                grad_error, worst = error, name
+        grad_error, worst = gradient_error(grads, ref_grads, floor=gradient_floor)
     return Comparison(relative_error(got, want), grad_error, worst, num_parameters)

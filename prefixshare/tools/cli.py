@@ -39,12 +39,15 @@ def _bench(args) -> int:
         profiles, backends=backends, shape=shape, dtype=dtype, device=device, lora=args.lora,
         gradient_checkpointing=args.gradient_checkpointing,
         examples_per_step=args.examples_per_step, steps=args.steps, budget=args.budget,
+        reward_model=args.reward_model,
     )
     table = bench.format_table(result)
     print(table)
     if args.out_dir:
         os.makedirs(args.out_dir, exist_ok=True)
-        name = args.name or f"bench-{result.device.split(':')[0]}-{shape}{'-lora' if args.lora else ''}"
+        name = args.name or (
+            f"bench-{result.device.split(':')[0]}-{shape}{'-rm' if args.reward_model else ''}{'-lora' if args.lora else ''}"
+        )
         stem = os.path.join(args.out_dir, name)
         bench.save(result, stem + ".json", stem + ".png")
         with open(stem + ".md", "w") as f:
@@ -148,7 +151,8 @@ def sentencepiece_tokenizer(model_file: str):
 
 
 def _stats(args) -> int:
-    from .stats import dataset_stats, format_stats, load_preference_file, tokenize_all
+    from ..data import load_preferences, tokenize_preferences
+    from .stats import dataset_stats, format_stats
 
     tokenizer = _load_tokenizer(args.tokenizer)
     if args.group is not None or args.completion_length is not None:
@@ -161,7 +165,7 @@ def _stats(args) -> int:
         prompts = prompt_ids_of_file(args.data, tokenizer, limit=args.limit)
         print(format_group_stats(args.data, group_stats(prompts, args.group, args.completion_length)))
         return 0
-    examples = tokenize_all(load_preference_file(args.data, limit=args.limit), tokenizer)
+    examples = tokenize_preferences(tokenizer, load_preferences(args.data, limit=args.limit), progress=True)
     print(format_stats(args.data, dataset_stats(examples, max_tokens_per_row=args.max_tokens_per_row)))
     return 0
 
@@ -181,6 +185,8 @@ def main(argv=None) -> int:
     b.add_argument("--dtype", choices=["float32", "bfloat16"])
     b.add_argument("--device")
     b.add_argument("--lora", action="store_true", help="train LoRA adapters (r=16 on attention projections)")
+    b.add_argument("--reward-model", action="store_true",
+                   help="a sequence-classification reward model (score head, TRL's RewardTrainer) instead of a causal LM")
     b.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute each layer in backward (what an 8b model needs to fit one GPU)")
     b.add_argument("--examples-per-step", type=int, default=8)
@@ -198,7 +204,7 @@ def main(argv=None) -> int:
     g.add_argument("--prompts-per-step", type=int, default=2, help="groups per step (default: 2)")
     g.add_argument("--modes", help="comma-separated: train,logprob (default: both)")
     g.add_argument("--rounds", type=int, default=3, help="timing rounds per cell; each format keeps its fastest (default: 3)")
-    b.add_argument("--name", help="file name stem in --out-dir (default: bench-DEVICE-SHAPE[-lora], memory-DEVICE)")
+    b.add_argument("--name", help="file name stem in --out-dir (default: bench-DEVICE-SHAPE[-rm][-lora], memory-DEVICE)")
     m = b.add_argument_group(
         "memory mode", "--memory: peak memory of the log-prob stage (hidden states -> log-probs, forward+backward) "
         "for paired-native, shared [T,V] and shared fused, each cell in its own process"

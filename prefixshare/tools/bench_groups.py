@@ -29,10 +29,10 @@ from datetime import datetime, timezone
 
 import torch
 
-from ._machine import describe_machine
-from .collators import LAYOUT_KEY, PrefixShareBatch
-from .groups import CompletionGroups, completion_logps, group_completions
-from .layout import Placement, PrefixShareLayout, UnitSpec
+from .machine import describe_machine
+from ..collators import PrefixShareBatch
+from ..groups import CompletionGroups, completion_logps, group_completions
+from ..layout import LAYOUT_KEY, Placement, PrefixShareLayout, UnitSpec
 
 # name -> (median prompt tokens, median completion tokens)
 GROUP_PROFILES = {

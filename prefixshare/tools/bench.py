@@ -8,7 +8,10 @@ Formats, each fed the same examples every step:
     shared           prefix sharing, one unit per row
     shared-packed    prefix sharing, units packed first-fit-decreasing
 All but paired-native run through the same patched model and backend, so their ratios isolate the format;
-every ratio is taken over the best paired format. The ideal
+every ratio is taken over the best paired format. With ``reward_model=True`` (``prefixshare bench --reward-model``)
+the model is a sequence-classification model (a score head, ``num_labels=1``, as trained by TRL's
+``RewardTrainer``) and each step back-propagates the sum of every response's reward
+(:func:`prefixshare.response_rewards`; paired-native: the model's own pooling at each row's last token). The ideal
 speedup is the ratio of real (non-padding) tokens, paired over shared: ``2(p+c)/(p+2c)`` for one pair.
 
 Dataset profiles: the six of the prefix sharing paper (median prompt+completion length and median
@@ -27,13 +30,14 @@ from datetime import datetime, timezone
 
 import torch
 
-from ._machine import describe_machine
-from .backends.varlen import has_cuda_varlen_kernel
-from .collators import PairedCollator, PrefixShareCollator
-from .layout import PAD_SEGMENT
-from .engine import response_logps
-from .logps import gather_response_logps
-from .patch import patch
+from .machine import describe_machine
+from ..backends.varlen import has_cuda_varlen_kernel
+from ..collators import PairedCollator, PrefixShareCollator
+from ..layout import PAD_SEGMENT
+from ..engine import response_logps
+from ..logps import gather_response_logps
+from ..patch import patch
+from ..rewards import POSITIONS_KEY, response_rewards, reward_positions
 from .stats import dataset_stats
 
 # name -> (median prompt+completion tokens, median prompt/completion ratio), Table 1 of arXiv 2410.20305
@@ -74,14 +78,14 @@ def synthetic_lengths(profile: str, n: int, seed: int = 0, scale: float = 1.0) -
 
 
 def examples_from_file(path: str, tokenizer, n: int, vocab_size: int) -> list[dict]:
-    """The first ``n`` examples of a preference file (any format of :mod:`prefixshare.stats`), tokenized.
+    """The first ``n`` examples of a preference file (any format of :func:`prefixshare.data.load_preferences`), tokenized.
 
     Token ids are folded into the model's vocabulary (``id % vocab_size``): the bench's models have random
     weights, so only the lengths matter, and a tokenizer's vocabulary may be larger than the tiny model's.
     """
-    from .stats import load_preference_file, tokenize_all
+    from ..data import load_preferences, tokenize_preferences
 
-    examples = tokenize_all(load_preference_file(path, limit=n), tokenizer)
+    examples = tokenize_preferences(tokenizer, load_preferences(path, limit=n))
     if len(examples) < n:
         raise ValueError(
             f"{path}: {len(examples)} examples, the bench needs {n} (examples per step x (steps + 1)); "
@@ -131,6 +135,7 @@ class BenchResult:
     ideal: dict = field(default_factory=dict)
     # cells that ran out of device memory: {"profile", "backend", "format", "error"}
     out_of_memory: list[dict] = field(default_factory=list)
+    reward_model: bool = False  # a sequence-classification model trained on its rewards (no LM head)
 
     def ratios(self):
         """(profile, backend) -> {format: samples/s over the best paired format}."""
@@ -154,18 +159,22 @@ def collators_for(budget: int):
     }
 
 
-def build_model(shape: str, backend: str, dtype: torch.dtype, device: str, lora: bool, gradient_checkpointing: bool = False):
-    from transformers import AutoModelForCausalLM, LlamaConfig
+def build_model(
+    shape: str, backend: str, dtype: torch.dtype, device: str, lora: bool, gradient_checkpointing: bool = False,
+    reward_model: bool = False,
+):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaConfig
 
-    from ._compat import DTYPE_KWARG, enable_gradient_checkpointing
+    from .._compat import enable_gradient_checkpointing
 
-    config = LlamaConfig(**MODEL_SHAPES[shape], max_position_embeddings=16384, pad_token_id=0)
+    config = LlamaConfig(**MODEL_SHAPES[shape], max_position_embeddings=16384, pad_token_id=0, num_labels=1)
     torch.manual_seed(0)
     kernel = backend
     if backend in ("varlen", "flex_attention"):
         # the paired-native baseline runs the kernel the model is loaded with: FlashAttention-2 where installed
         kernel = "flash_attention_2" if device.startswith("cuda") and _has_flash_attn() else "sdpa"
-    model = AutoModelForCausalLM.from_config(config, attn_implementation=kernel, **{DTYPE_KWARG: dtype}).to(device)
+    auto = AutoModelForSequenceClassification if reward_model else AutoModelForCausalLM
+    model = auto.from_config(config, attn_implementation=kernel, dtype=dtype).to(device)
     if gradient_checkpointing:  # what fits an 8B model's activations on one GPU; the layout survives recompute
         enable_gradient_checkpointing(model, use_reentrant=False)
     if lora:
@@ -194,21 +203,35 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+def native_rewards(model, batch) -> torch.Tensor:
+    """The paired baseline of a reward model: padding mask, the model's kernel and its own pooling."""
+    attention_mask = (batch.layout.segment_ids != PAD_SEGMENT).long()
+    return model(input_ids=batch["input_ids"], attention_mask=attention_mask, use_cache=False).logits
+
+
 def time_format(
-    model, collator, batches, device: str, native: bool = False
+    model, collator, batches, device: str, native: bool = False, reward_model: bool = False
 ) -> tuple[float, float | None, dict]:
-    """Seconds per step (forward + backward of a DPO-style sum of log-probs) and peak memory in MB.
+    """Seconds per step (forward + backward of a DPO-style sum of log-probs, or of the rewards of a reward model)
+    and peak memory in MB.
 
     The first batch is a warm-up step and the rest are timed. On CUDA every batch is run once before the
     timing: kernels compile and autotune per shape there (FlexAttention: the first few shapes), and that
     must not be timed.
     """
-    prepared = [collator(b).to(device) for b in batches]
+    prepared = [collator(b) for b in batches]
+    if reward_model:  # where each reward is read, found on the CPU beforehand as a collator does
+        for batch in prepared:
+            batch[POSITIONS_KEY] = reward_positions(batch.layout, batch["input_ids"], 0)
+    prepared = [batch.to(device) for batch in prepared]
     timed = prepared[1:] or prepared
 
     def step(batch):
-        logps = native_logps(model, batch) if native else response_logps(model, batch).logps
-        logps.sum().backward()
+        if reward_model:
+            values = native_rewards(model, batch) if native else response_rewards(model, batch)
+        else:
+            values = native_logps(model, batch) if native else response_logps(model, batch).logps
+        values.sum().backward()
 
     for batch in prepared if device.startswith("cuda") else prepared[:1]:
         step(batch)
@@ -258,8 +281,10 @@ def run_bench(
     steps: int = 3,
     budget: int | None = None,
     progress: bool = True,
+    reward_model: bool = False,
 ) -> BenchResult:
-    """Measure every (profile, backend, format); ``profiles`` maps a name to its examples."""
+    """Measure every (profile, backend, format); ``profiles`` maps a name to its examples. ``reward_model``: a
+    sequence-classification model trained on its rewards instead of a causal LM on its log-probs."""
     import transformers
 
     try:
@@ -272,7 +297,7 @@ def run_bench(
         machine=describe_machine(device), device=device, torch=torch.__version__, transformers=transformers.__version__,
         model_shape=shape, dtype=str(dtype).replace("torch.", ""), lora=lora,
         gradient_checkpointing=gradient_checkpointing, examples_per_step=examples_per_step,
-        steps=steps, date=datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+        steps=steps, date=datetime.now(timezone.utc).strftime("%Y-%m-%d"), reward_model=reward_model,
     )
     # per profile, once: the step batches, the packing budget, and the ideal speedup of exactly those examples
     plans = {}
@@ -294,9 +319,11 @@ def run_bench(
         batches, collators = plans[profile]
         if backend not in models:
             models.clear()  # one model in memory at a time
-            models[backend] = build_model(shape, backend, dtype, device, lora, gradient_checkpointing)
+            models[backend] = build_model(shape, backend, dtype, device, lora, gradient_checkpointing, reward_model)
         try:
-            step_s, peak, sizes = time_format(models[backend], collators[fmt], batches, device, native=fmt == "paired-native")
+            step_s, peak, sizes = time_format(
+                models[backend], collators[fmt], batches, device, native=fmt == "paired-native", reward_model=reward_model
+            )
         except torch.cuda.OutOfMemoryError as error:  # one format too large for the device: report it, go on
             models[backend].zero_grad(set_to_none=True)
             torch.cuda.empty_cache()
@@ -312,7 +339,8 @@ def format_table(result: BenchResult) -> str:
     ratios = result.ratios()
     lines = [
         f"prefixshare bench: {result.machine}, {result.device}, torch {result.torch}, transformers "
-        f"{result.transformers}, model {result.model_shape}{' + LoRA' if result.lora else ''}"
+        f"{result.transformers}, model {result.model_shape}{' reward model' if result.reward_model else ''}"
+        f"{' + LoRA' if result.lora else ''}"
         f"{', gradient checkpointing' if result.gradient_checkpointing else ''}, {result.dtype}, "
         f"{result.examples_per_step} examples/step, {result.date}",
         "",

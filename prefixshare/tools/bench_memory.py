@@ -111,7 +111,7 @@ def _tv_token_logps(head, rows, targets):
     """prefixshare's path before the engine: ``[T, V]`` logits kept, the float32 log-softmax chunked."""
     from torch.utils.checkpoint import checkpoint
 
-    from .logps import token_logps
+    from ..logps import token_logps
 
     logits = head(rows)  # [T, V] in the head's dtype, alive until the backward
     if logits.shape[0] <= _TV_CHUNK:
@@ -125,8 +125,8 @@ def _tv_token_logps(head, rows, targets):
 
 def _stage(fmt: str, head, hidden, batch, chunk: int):
     """Forward and backward of the log-prob stage of ``fmt`` on ``hidden`` ``[B, L, H]``."""
-    from .engine import LogitProcessing, _fused_token_logps
-    from .logps import sum_per_response
+    from ..engine import LogitProcessing, fused_token_logps
+    from ..logps import sum_per_response
 
     layout = batch.layout
     targets = batch["input_ids"].reshape(-1)[layout.target_index]
@@ -143,7 +143,7 @@ def _stage(fmt: str, head, hidden, batch, chunk: int):
         if fmt == "shared [T,V]":
             per_token = _tv_token_logps(head, rows, targets)
         else:
-            per_token, _ = _fused_token_logps(head, rows, targets, LogitProcessing(), chunk)
+            per_token, _ = fused_token_logps(head, rows, targets, LogitProcessing(), chunk)
         logps = sum_per_response(per_token, layout)
     logps.sum().backward()
 
@@ -152,8 +152,8 @@ def run_cell(fmt: str, vocab: int, tokens: int, *, hidden_size: int = HIDDEN, de
              dtype: torch.dtype = torch.float32, train_head: bool = False, repeats: int = 1,
              chunk_size: int | None = None) -> MemoryCell:
     """One cell, in this process (the parent runs each in a fresh subprocess)."""
-    from .collators import PairedCollator, PrefixShareCollator
-    from .engine import default_chunk_size
+    from ..collators import PairedCollator, PrefixShareCollator
+    from ..engine import default_chunk_size
 
     torch.manual_seed(0)
     examples = _examples(tokens, vocab)
@@ -197,7 +197,7 @@ def run_cell(fmt: str, vocab: int, tokens: int, *, hidden_size: int = HIDDEN, de
 # ---------------------------------------------------------------------------------------------- the grid
 def predicted_peak_bytes(fmt: str, vocab: int, tokens: int, dtype_bytes: int = 4, chunk_size: int | None = None) -> int:
     """A rough upper estimate of a cell's peak, to skip cells that cannot fit (``--memory-limit-gb``)."""
-    from .engine import default_chunk_size
+    from ..engine import default_chunk_size
 
     pairs = max(1, tokens // (2 * RESPONSE))
     if fmt == "paired-native":  # logits, their float32 log-softmax and its gradient
@@ -222,7 +222,7 @@ def run_memory_bench(
     progress: bool = True,
 ) -> MemoryResult:
     """Every (format, vocabulary, tokens) cell in its own subprocess; cells predicted above the limit are skipped."""
-    from ._machine import describe_machine
+    from .machine import describe_machine
 
     result = MemoryResult(
         machine=describe_machine(device), device=device, torch=torch.__version__, dtype=dtype, hidden=hidden_size,
@@ -251,7 +251,7 @@ def run_memory_bench(
                 if progress:
                     print(f"memory bench: {fmt}, V={vocab}, T={n} ...", file=sys.stderr, flush=True)
                 out = subprocess.run(
-                    [sys.executable, "-m", "prefixshare.bench_memory", json.dumps(spec)],
+                    [sys.executable, "-m", "prefixshare.tools.bench_memory", json.dumps(spec)],
                     capture_output=True, text=True, env=env,
                 )  # fmt: skip
                 if out.returncode != 0:
@@ -303,7 +303,7 @@ def save_memory(result: MemoryResult, json_path: str) -> None:
         json.dump(asdict(result), f, indent=2)
 
 
-if __name__ == "__main__":  # one cell: python -m prefixshare.bench_memory '{"fmt": ..., ...}'
+if __name__ == "__main__":  # one cell: python -m prefixshare.tools.bench_memory '{"fmt": ..., ...}'
     spec = json.loads(sys.argv[1])
     spec["dtype"] = getattr(torch, spec.pop("dtype"))
     cell = run_cell(spec.pop("fmt"), spec.pop("vocab"), spec.pop("tokens"), **spec)

@@ -1,0 +1,287 @@
+"""PrefixShareRewardTrainer against TRL's own RewardTrainer, and the prefix-shared reward forward against runs alone.
+
+Trainer comparisons train a tiny sequence-classification Llama for 3 optimizer steps of 4 pairs with both trainers
+and compare every logged value at every step, with the tolerance and AdamW epsilon of tests/test_trl.py (see its
+docstring), at RewardConfig's default learning rate (1e-4). At 1e-3 every weight of the model moves by about the
+learning rate per step whatever its gradient's size (AdamW), which turned float32 summation-order differences of
+~3e-6 in the gradients into 1e-4 relative in the step-2 rewards of one case. Every test here fails on the main this started from: PrefixShareRewardTrainer, RewardCollator and
+response_rewards did not exist (ImportError).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+trl = pytest.importorskip("trl")
+datasets = pytest.importorskip("datasets")
+
+from trl import RewardConfig, RewardTrainer  # noqa: E402
+
+import prefixshare  # noqa: E402
+from prefixshare.layout import LAYOUT_KEY  # noqa: E402
+from prefixshare.data import load_toy_preferences, toy_tokenizer  # noqa: E402
+from prefixshare.integrations.trl import PrefixShareRewardCollator, PrefixShareRewardTrainer  # noqa: E402
+from prefixshare.rewards import POSITIONS_KEY, RewardCollator, response_rewards  # noqa: E402
+from prefixshare.testing import relative_error  # noqa: E402
+from prefixshare.testing import ARCHITECTURE_NAMES, tiny_config  # noqa: E402
+
+from test_trl import ATOL, RTOL, UNTIMED, assert_same, report_differences, uneven  # noqa: E402,F401  (the report fixture too)
+
+ROWS = uneven(load_toy_preferences()[:12])
+EVAL_ROWS = uneven(load_toy_preferences()[100:106])
+
+
+def classifier(architecture="llama", vocab_size=100, seed=0):
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = tiny_config(architecture, vocab_size=vocab_size, num_labels=1)
+    return AutoModelForSequenceClassification.from_config(config, attn_implementation="eager")
+
+
+def config(tmp_path, **overrides):
+    values = dict(
+        output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, per_device_eval_batch_size=4,
+        learning_rate=1e-4, logging_steps=1, save_strategy="no", report_to="none", bf16=False, use_cpu=True, seed=0,
+        disable_tqdm=True, adam_epsilon=1e-6,
+    )  # fmt: skip
+    values.update(overrides)
+    return RewardConfig(**values)
+
+
+def run(cls, tokenizer, tmp_path, rows=ROWS, *, evaluate=None, trainer_kwargs=None, **overrides):
+    """Train 3 steps; return (per-step logs, eval metrics or None, trainer)."""
+    trainer = cls(
+        model=classifier(vocab_size=len(tokenizer)),
+        args=config(tmp_path / cls.__name__, **overrides),
+        train_dataset=datasets.Dataset.from_list(rows),
+        processing_class=tokenizer,
+        **(trainer_kwargs or {}),
+    )
+    trainer.train()
+    logs = [e for e in trainer.state.log_history if "loss" in e and "train_runtime" not in e]
+    result = None
+    if evaluate is not None:
+        result = {k: v for k, v in trainer.evaluate(evaluate).items() if not any(w in k for w in UNTIMED)}
+    return logs, result, trainer
+
+
+def assert_logs_match(ours, theirs, case):
+    assert len(ours) == len(theirs) == 3
+    for step, (a, b) in enumerate(zip(ours, theirs), 1):
+        assert_same(a, b, f"reward step {step}", f"reward: {case}")
+    assert any(abs(a["margin"]) > 1e-3 for a in theirs)
+
+
+@pytest.fixture
+def tokenizer():
+    return toy_tokenizer()
+
+
+# ---------------------------------------------------------------------------------------------- the forward
+@pytest.mark.parametrize("architecture", ARCHITECTURE_NAMES)
+def test_rewards_equal_those_of_each_sequence_alone(architecture):
+    """Scores and gradients of the prefix-shared forward equal the unpatched model's on each sequence alone, for
+    every supported architecture, unpacked and packed, with: sequences ending in pad tokens (read before them, as
+    the model's pooling), a pair with nothing in common, a pair of equal sequences."""
+    examples = [
+        {"chosen_ids": [1, 5, 6, 7, 8, 9, 2], "rejected_ids": [1, 5, 6, 11, 2]},
+        {"chosen_ids": [1, 4, 4], "rejected_ids": [3, 4, 4, 4, 0, 0]},  # no common first token; trailing pads
+        {"chosen_ids": [1, 5, 6, 12], "rejected_ids": [1, 5, 6, 12]},
+        {"chosen_ids": [1, 7, 0, 8, 9, 10, 11, 12, 13], "rejected_ids": [1, 7, 0, 8, 0]},  # a pad inside
+    ]
+    model = classifier(architecture, vocab_size=32).eval()
+    model.config.pad_token_id = 0
+    want, want_grads = [], []
+    for e in examples:
+        for key in ("chosen_ids", "rejected_ids"):
+            model.zero_grad()
+            score = model(input_ids=torch.tensor([e[key]])).logits[0, 0]
+            score.backward()
+            want.append(score.item())
+            want_grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    want = torch.tensor(want).view(len(examples), 2)
+    prefixshare.patch(model)
+    for collator in (RewardCollator(0), RewardCollator(0, max_tokens_per_row=20), RewardCollator(0, padding_free=True)):
+        batch = collator(examples)
+        model.zero_grad()
+        rewards = response_rewards(model, batch)
+        assert rewards.shape == (len(examples), 2, 1)
+        torch.testing.assert_close(rewards[..., 0].detach(), want, rtol=1e-5, atol=1e-6)
+        rewards.sum().backward()
+        for name, parameter in model.named_parameters():  # max error relative to the largest entry, as testing.py
+            assert relative_error(parameter.grad, sum(g[name] for g in want_grads)) < 1e-5, name
+    assert batch["input_ids"].shape[0] == 1  # padding_free: one row
+
+
+def test_collator_shares_the_common_prefix_and_names_bad_examples():
+    collator = RewardCollator(pad_token_id=0)
+    batch = collator([{"chosen_ids": [1, 5, 6, 7], "rejected_ids": [1, 5, 6, 8, 9], "margin": 0.5}])
+    unit = batch[LAYOUT_KEY].placements[0].unit
+    assert (unit.prompt_length, unit.response_lengths) == (3, (1, 2))
+    assert batch["input_ids"].tolist() == [[1, 5, 6, 7, 8, 9]]
+    assert batch[POSITIONS_KEY].tolist() == [[3, 5]] and batch["margin"].tolist() == [0.5]
+    with pytest.raises(ValueError, match=r"example 1: rejected_ids has 1 token; a prefix-shared batch needs at least 2"):
+        collator([{"chosen_ids": [1, 2], "rejected_ids": [1, 3]}, {"chosen_ids": [1, 2], "rejected_ids": [1]}])
+    with pytest.raises(ValueError, match=r"example 0: missing 'rejected_ids'"):
+        collator([{"chosen_ids": [1, 2]}])
+    with pytest.raises(ValueError, match=r"example 0: chosen_ids\[1\] is 'a'"):
+        collator([{"chosen_ids": [1, "a"], "rejected_ids": [1, 2]}])
+
+
+def test_response_rewards_refuses_a_model_without_score_head():
+    from prefixshare.testing import tiny_model
+
+    model = prefixshare.patch(tiny_model("llama"))
+    batch = RewardCollator(0)([{"chosen_ids": [1, 5, 6], "rejected_ids": [1, 5, 7]}])
+    with pytest.raises(ValueError, match=r"needs a sequence-classification model with a `score` head"):
+        response_rewards(model, batch)
+
+
+# ---------------------------------------------------------------------------------------------- equality with TRL
+def explicit_prompt(rows):
+    return [{**row, "margin": 0.1 * (i % 4)} for i, row in enumerate(rows)]
+
+
+def implicit_prompt(rows):
+    return [{"chosen": r["prompt"] + r["chosen"], "rejected": r["prompt"] + r["rejected"]} for r in rows]
+
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{{ eos_token }}{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+
+
+def conversational(rows):
+    return [
+        {
+            "prompt": [{"role": "user", "content": r["prompt"]}],
+            "chosen": [{"role": "assistant", "content": r["chosen"]}],
+            "rejected": [{"role": "assistant", "content": r["rejected"]}],
+        }
+        for r in rows
+    ]
+
+
+CASES = {
+    # and another EOS token (appended to every sequence: the model reads its score there)
+    "explicit prompt, margin, centering, eos_token": dict(
+        rows=explicit_prompt(ROWS), center_rewards_coefficient=0.01, eos_token="<unk>"
+    ),
+    # and max_length: the pairs with a sequence longer are dropped (by TRL's _prepare_dataset)
+    "implicit prompt, max_length": dict(rows=implicit_prompt(ROWS), max_length=86, pad_to_multiple_of=8),
+    "conversational, chat_template_path": dict(rows=conversational(ROWS), chat=True),
+    "pad token = EOS": dict(rows=ROWS, pad_is_eos=True),
+    "packed rows": dict(rows=ROWS, trainer_kwargs={"prefixshare_max_tokens_per_row": 300}),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_reward_trainer_matches_trl(tmp_path, case):
+    """Three steps and an evaluation, every logged value equal to trl.RewardTrainer's within 1e-4 / 1e-5.
+
+    "pad token = EOS": a tokenizer without a pad token, so TRL pads with EOS, every sequence ends in it and the model
+    reads its score at the token before; the collator must read at the same one."""
+    options = dict(CASES[case])
+    rows = options.pop("rows")
+    tokenizer = toy_tokenizer()
+    if options.pop("chat", False):  # the template from a .jinja file (RewardConfig.chat_template_path)
+        (tmp_path / "template.jinja").write_text(CHAT_TEMPLATE)
+        options["chat_template_path"] = str(tmp_path / "template.jinja")
+    if options.pop("pad_is_eos", False):
+        tokenizer.pad_token = None
+    kwargs = options.pop("trainer_kwargs", {})
+    eval_rows = datasets.Dataset.from_list(rows[:6])
+    theirs, their_eval, _ = run(RewardTrainer, tokenizer, tmp_path, rows, evaluate=eval_rows, **options)
+    if "pad" in case:
+        tokenizer.pad_token = None  # the first trainer set it
+    ours, our_eval, trainer = run(
+        PrefixShareRewardTrainer, tokenizer, tmp_path, rows, evaluate=eval_rows, trainer_kwargs=kwargs, **options
+    )
+    assert_logs_match(ours, theirs, case)
+    assert_same(our_eval, their_eval, "evaluate()", f"reward: {case}, evaluate()")
+    if "max_length" in case:
+        assert 0 < len(trainer.train_dataset) < len(rows)  # some pairs really were dropped
+    assert isinstance(trainer.data_collator, PrefixShareRewardCollator) and prefixshare.is_patched(trainer.model)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    assert (batch["input_ids"].shape[0] < 4) if kwargs else (batch["input_ids"].shape[0] == 4)  # packed, or a row per pair
+    if "pad" in case:
+        assert trainer.processing_class.pad_token_id == tokenizer.eos_token_id
+
+
+def test_lora_reward_model_matches_trl(tokenizer, tmp_path):
+    """LoRA (task_type SEQ_CLS: peft trains the score head through modules_to_save), equal to TRL's."""
+    from peft import LoraConfig
+
+    def lora():
+        return LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
+
+    theirs, _, _ = run(RewardTrainer, tokenizer, tmp_path, trainer_kwargs={"peft_config": lora()}, learning_rate=1e-2)
+    ours, _, trainer = run(
+        PrefixShareRewardTrainer, tokenizer, tmp_path, trainer_kwargs={"peft_config": lora()}, learning_rate=1e-2
+    )
+    assert_logs_match(ours, theirs, "LoRA")
+    assert any("score" in n and p.requires_grad for n, p in trainer.model.named_parameters())
+
+
+def test_streaming_eval_and_compute_metrics_match_trl(tokenizer, tmp_path):
+    """evaluate() on a streaming set, and compute_metrics given the same EvalPrediction (the [2n, 1] rewards,
+    chosen rows then rejected rows, of 6 pairs in batches of 4)."""
+    seen, results = {}, {}
+    data = datasets.Dataset.from_list(EVAL_ROWS)
+    for cls in (RewardTrainer, PrefixShareRewardTrainer):
+
+        def compute_metrics(prediction, name=cls.__name__):
+            seen[name] = prediction
+            return {"top": float(prediction.predictions.max())}
+
+        trainer = cls(
+            model=classifier(vocab_size=len(tokenizer)), args=config(tmp_path / cls.__name__),
+            train_dataset=datasets.Dataset.from_list(ROWS), processing_class=tokenizer, compute_metrics=compute_metrics,
+        )  # fmt: skip
+        for streaming in (False, True):
+            result = trainer.evaluate(data.to_iterable_dataset() if streaming else data)
+            results[cls, streaming] = {k: v for k, v in result.items() if not any(w in k for w in UNTIMED)}
+    for streaming in (False, True):
+        assert_same(results[PrefixShareRewardTrainer, streaming], results[RewardTrainer, streaming], f"{streaming=}",
+                    "reward: evaluate(), streaming and compute_metrics")  # fmt: skip
+    ours, theirs = seen["PrefixShareRewardTrainer"], seen["RewardTrainer"]
+    assert ours.predictions.shape == theirs.predictions.shape
+    torch.testing.assert_close(torch.as_tensor(ours.predictions), torch.as_tensor(theirs.predictions), rtol=RTOL, atol=ATOL)
+
+
+def test_model_given_by_name_matches_trl(tokenizer, tmp_path):
+    """model="path": TRL loads AutoModelForSequenceClassification with num_labels=1 and model_init_kwargs; the
+    model is patched after loading."""
+    from transformers import AutoModelForCausalLM
+
+    path = tmp_path / "tiny-llama"
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(tiny_config("llama", vocab_size=len(tokenizer))).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    logs = {}
+    for cls in (RewardTrainer, PrefixShareRewardTrainer):
+        trainer = cls(
+            model=str(path), args=config(tmp_path / cls.__name__, model_init_kwargs={"attn_implementation": "eager"}),
+            train_dataset=datasets.Dataset.from_list(ROWS),
+        )  # fmt: skip
+        trainer.train()
+        logs[cls] = [e for e in trainer.state.log_history if "loss" in e and "train_runtime" not in e]
+    assert prefixshare.is_patched(trainer.model)
+    assert_logs_match(logs[PrefixShareRewardTrainer], logs[RewardTrainer], "model by name")
+
+
+def test_unsupported_reward_options_raise(tokenizer, tmp_path):
+    from trl.trainer.reward_trainer import DataCollatorForPreference
+
+    common = dict(train_dataset=datasets.Dataset.from_list(ROWS), processing_class=tokenizer)
+    with pytest.raises(ValueError, match="collator"):
+        PrefixShareRewardTrainer(
+            classifier(), args=config(tmp_path), data_collator=DataCollatorForPreference(pad_token_id=0), **common
+        )
+    with pytest.raises(ValueError, match="dispatch_batches"):
+        PrefixShareRewardTrainer(
+            classifier(), args=config(tmp_path, accelerator_config={"dispatch_batches": True}), **common
+        )
