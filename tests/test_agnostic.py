@@ -188,7 +188,7 @@ def test_a_window_that_lives_only_in_the_models_mask_is_applied():
     "model_type, match",
     [
         ("llama4_text", r"'chunked_attention' layer .*Llama4TextAttention.*fixed chunks of physical positions"),
-        ("deepseek_v32", r"'indexed_attention' layers .*DeepseekV32Attention.*indexer"),
+        ("deepseek_v32", r"'(indexed|deepseek_sparse)_attention' layers .*DeepseekV32Attention.*indexer"),
         ("doge", r"DogeAttention passes an attention mask of its own"),
         ("qwen3_next", r"decoder layers .*Qwen3NextDecoderLayer.*Qwen3NextGatedDeltaNet \(a state-space"),
         ("stablelm", r"layout was applied in 0 of the 2 attention layers.*do not pass their keyword arguments"),
