@@ -8,6 +8,7 @@ the prompt is computed once. See README.md.
 from .architectures import UnsupportedModelError
 from .collators import PairedCollator, PrefixShareBatch, PrefixShareCollator
 from .engine import LogitProcessingMismatch, response_logps
+from .groups import CompletionGroups, CompletionLogps, completion_logps, group_completions
 from .layout import PrefixShareLayout
 from .logps import ResponseLogps, gather_response_logps, pad_per_token, split_logps
 from .losses import preference_loss
@@ -39,6 +40,11 @@ __all__ = [
     "pad_per_token",
     "split_logps",
     "gather_response_logps",
+    # online RL: prompts with groups of completions
+    "group_completions",
+    "completion_logps",
+    "CompletionGroups",
+    "CompletionLogps",
     # losses and training
     "preference_loss",
     "preference_step",

@@ -59,14 +59,14 @@ RESPONSES_KEY = "responses_input_ids"
 PAIR_KEYS = ("chosen_input_ids", "rejected_input_ids")
 
 
-def _is_numpy_array(value: Any) -> bool:
+def is_numpy_array(value: Any) -> bool:
     return type(value).__module__ == "numpy" and hasattr(value, "ndim") and hasattr(value, "dtype")
 
 
 def token_ids(value: Any, index: int, name: str) -> list[int]:
     """``value`` (a list of ints, a 1-D integer tensor or array) as a list of ids; ValueError naming ``example
     index`` and the field ``name`` otherwise (not integers, not 1-D, negative, beyond int64)."""
-    if _is_numpy_array(value):  # datasets' numpy format; numpy scalars (ndim 0) fail the 1-D check
+    if is_numpy_array(value):  # datasets' numpy format; numpy scalars (ndim 0) fail the 1-D check
         if value.ndim != 1:
             raise ValueError(f"example {index}: {name} must be a 1-D array, got shape {tuple(value.shape)}")
         if value.dtype.kind not in "iuO":  # signed, unsigned, or Python objects (checked one by one below)

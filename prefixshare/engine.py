@@ -117,6 +117,26 @@ class LogitProcessing:
         return ", ".join(steps) or "none"
 
 
+@dataclass(frozen=True)
+class _Tempered:
+    """The final logit processing, then a division by a sampling temperature (in float32): the distribution
+    RL trainers score completions under (``logits / temperature``, as TRL's GRPO and RLOO trainers do).
+
+    Same interface as :class:`LogitProcessing` for the chunk functions; never used for the self-check, which
+    compares the model's own processing only.
+    """
+
+    processing: LogitProcessing
+    temperature: float
+
+    @property
+    def is_identity(self) -> bool:
+        return False
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        return self.processing.apply(logits).float() / self.temperature
+
+
 def _final_softcap(attribute: str = "final_logit_softcapping", upcast: bool = False):
     return lambda text: LogitProcessing(upcast=upcast, softcap=getattr(text, attribute, None))
 
@@ -594,7 +614,15 @@ def _check_stats(stats) -> tuple[str, ...]:
 
 
 # ================================================================================================ public
-def response_logps(model, batch, *, per_token: bool = False, stats=(), chunk_size: int | None = None) -> ResponseLogps:
+def response_logps(
+    model,
+    batch,
+    *,
+    per_token: bool = False,
+    stats=(),
+    chunk_size: int | None = None,
+    temperature: float = 1.0,
+) -> ResponseLogps:
     """Log-probs of every response of a prefix-shared (or paired) batch, without ``[T, V]`` logits.
 
     Equal to ``gather_response_logps(model(**batch).logits, batch)`` up to float rounding, values and
@@ -607,6 +635,9 @@ def response_logps(model, batch, *, per_token: bool = False, stats=(), chunk_siz
         per_token: also return ``token_logps`` (``[T]`` float32, with its graph).
         stats: names from :data:`STATS` to compute per token in the same pass (float32, no gradient).
         chunk_size: rows of the LM head per chunk; None: :func:`default_chunk_size` of the vocabulary.
+        temperature: score under ``softmax(logits / temperature)`` (the processed logits, divided in float32),
+            the distribution completions were sampled from in RL (TRL's GRPO and RLOO trainers do the same);
+            the statistics are of that distribution too. 1.0: the model's own distribution.
 
     Returns:
         :class:`~prefixshare.ResponseLogps`: ``logps`` ``[n, K]`` float32 (sums over each response) and
@@ -616,7 +647,7 @@ def response_logps(model, batch, *, per_token: bool = False, stats=(), chunk_siz
         :meth:`~prefixshare.ResponseLogps.padded` pads per-token values to ``[n, K, max_len]`` with a mask.
 
     Raises:
-        ValueError: unknown stats, a bad ``chunk_size``, a batch whose layout does not match the hidden
+        ValueError: unknown stats, a bad ``chunk_size`` or ``temperature``, a batch whose layout does not match the hidden
             states, a model without an LM head or whose forward calls it more than once.
         LogitProcessingMismatch: the model's forward post-processes its logits in a way prefixshare does not
             reproduce (checked once per model and dtype on two rows of the batch).
@@ -624,6 +655,8 @@ def response_logps(model, batch, *, per_token: bool = False, stats=(), chunk_siz
     stats = _check_stats(stats)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < math.inf:
+        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
     head = _output_embeddings(model)
     processing = logit_processing(model)
     per_call = _gathered_per_call(head)
@@ -643,6 +676,8 @@ def response_logps(model, batch, *, per_token: bool = False, stats=(), chunk_siz
     layout = layout_of(batch).to(rows.device)
     targets = input_ids_of(batch, None).to(rows.device).reshape(-1)[layout.target_index]
     chunk = chunk_size or default_chunk_size(_vocab_size(model, head))
+    if temperature != 1.0:
+        processing = _Tempered(processing, float(temperature))
     if captured.logits is not None:
         token_logps, token_stats = _chunked_logits_logps(captured.logits, targets, processing, chunk, stats)
     else:

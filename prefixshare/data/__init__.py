@@ -35,8 +35,10 @@ CHARACTERS = "\n" + "".join(chr(c) for c in range(32, 127))  # newline and print
 __all__ = [
     "TOY_PREFERENCES_PATH",
     "load_preferences",
+    "load_prompts",
     "load_toy_preferences",
     "tokenize_preferences",
+    "tokenize_prompts",
     "toy_tokenizer",
 ]
 
@@ -179,4 +181,52 @@ def tokenize_preferences(
             out.append({k: ids[k] for k in ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")})
     if caught:  # one line for the dataset instead of one per example
         warnings.warn(f"{len(caught)} of {len(out)} examples warned while tokenizing; the first: {caught[0].message}", stacklevel=2)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- prompts (online RL)
+def load_prompts(path: str | Path, limit: int | None = None) -> list:
+    """The prompts of a json / jsonl(.gz) file, for ``prefixshare stats --group``: each example's ``prompt`` (a
+    string or a list of messages), or the messages of ``messages`` / ShareGPT ``conversations`` before the last
+    assistant turn. Errors name the example."""
+    path = str(path)
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        text = f.read()
+    rows = json.loads(text) if text.lstrip().startswith("[") else [json.loads(line) for line in text.splitlines() if line.strip()]
+    rows = rows[:limit] if limit else rows
+    prompts = []
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}: example {i} is a {type(row).__name__}, expected an object")
+        if "prompt" in row:
+            prompts.append(row["prompt"])
+            continue
+        turns = row.get("messages", row.get("conversations"))
+        if not isinstance(turns, list) or not turns:
+            raise ValueError(f"{path}: example {i} has no 'prompt', 'messages' or 'conversations' field")
+        messages = [_sharegpt({"conversations": [t], "chosen": t, "rejected": t}, f"{path}: example {i}")["prompt"][0] for t in turns]
+        while messages and messages[-1]["role"] == "assistant":  # the answer is what the policy generates
+            messages.pop()
+        if not messages:
+            raise ValueError(f"{path}: example {i} holds assistant turns only; no prompt")
+        prompts.append(messages)
+    return prompts
+
+
+def tokenize_prompts(prompts: list, tokenizer) -> list[list[int]]:
+    """Token ids of each prompt as a GRPO/RLOO trainer builds them: a string with the tokenizer's special tokens,
+    messages with the chat template and the generation prompt (plain text without a template)."""
+    has_template = getattr(tokenizer, "chat_template", None) is not None
+    out = []
+    for i, prompt in enumerate(prompts):
+        if isinstance(prompt, str):
+            out.append(list(tokenizer(prompt)["input_ids"]))
+        elif isinstance(prompt, list) and has_template:
+            ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
+            out.append(list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids))
+        elif isinstance(prompt, list):
+            out.append(list(tokenizer(_plain_text(prompt) + "\n\nAssistant:")["input_ids"]))
+        else:
+            raise ValueError(f"example {i}: the prompt is a {type(prompt).__name__}; expected a string or a list of messages")
     return out

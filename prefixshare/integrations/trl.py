@@ -633,3 +633,7 @@ class PrefixShareDPOTrainer(DPOTrainer):
 
 # trl.RewardTrainer's drop-in lives in its own module; importable from here like the DPO trainer
 from .trl_reward import PrefixShareRewardCollator, PrefixShareRewardTrainer  # noqa: E402
+# GRPO and RLOO (online RL with shared prompts) live in their own module, re-exported here: one import path.
+from .trl_rl import PrefixShareGRPOTrainer, PrefixShareRLOOTrainer  # noqa: E402
+
+__all__ += ["PrefixShareGRPOTrainer", "PrefixShareRLOOTrainer"]

@@ -15,6 +15,8 @@ def _bench(args) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.memory:
         return _bench_memory(args, device)
+    if args.groups:
+        return _bench_groups(args, device)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype or ("bfloat16" if device == "cuda" else "float32")]
     shape = args.shape or ("1b" if device == "cuda" else "tiny")
     backends = args.backends.split(",") if args.backends else bench.available_backends(device)
@@ -85,6 +87,46 @@ def _bench_memory(args, device: str) -> int:
     return 0
 
 
+def _bench_groups(args, device: str) -> int:
+    import torch
+
+    from . import bench, bench_groups
+
+    if args.data or args.profiles:
+        raise ValueError("--groups runs the RL group profiles: choose them with --group-profiles, not --profiles/--data")
+    names = args.group_profiles.split(",") if args.group_profiles else list(bench_groups.GROUP_PROFILES)
+    unknown = [name for name in names if name not in bench_groups.GROUP_PROFILES]
+    if unknown:
+        raise ValueError(f"unknown group profile(s) {unknown}; choose from {', '.join(bench_groups.GROUP_PROFILES)}")
+    modes = args.modes.split(",") if args.modes else list(bench_groups.MODES)
+    if not modes or set(modes) - set(bench_groups.MODES):
+        raise ValueError(f"--modes takes a comma-separated subset of {', '.join(bench_groups.MODES)}, got {args.modes!r}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype or ("bfloat16" if device == "cuda" else "float32")]
+    shape = args.shape or ("1b" if device == "cuda" else "tiny")
+    # dense-mask kernels on CPU: sdpa (eager materializes every score; varlen's CPU kernel is a reference loop)
+    backends = args.backends.split(",") if args.backends else (
+        bench.available_backends(device) if device.startswith("cuda") else ["sdpa"]
+    )
+    result = bench_groups.run_group_bench(
+        names, _ints(args.group_sizes, "--group-sizes") if args.group_sizes else bench_groups.GROUP_SIZES,
+        backends=backends, modes=modes, shape=shape, dtype=dtype, device=device, lora=args.lora,
+        prompts_per_step=args.prompts_per_step, steps=args.steps, rounds=args.rounds, length_scale=args.length_scale,
+        budget=args.budget,
+    )  # fmt: skip
+    table = bench_groups.format_group_table(result)
+    print(table)
+    if args.out_dir:
+        os.makedirs(args.out_dir, exist_ok=True)
+        stem = os.path.join(args.out_dir, args.name or f"bench-groups-{result.device.split(':')[0]}-{shape}")
+        bench_groups.save_group(result, stem + ".json")
+        with open(stem + ".md", "w") as f:
+            f.write(f"Produced by `prefixshare {' '.join(args.argv)}`.\n\n{table}\n")
+        print(f"wrote {stem}.json, {stem}.md")
+    return 0
+
+
 def _load_tokenizer(path: str):
     if path is None:
         raise SystemExit("--tokenizer PATH is needed to tokenize text data")
@@ -113,6 +155,16 @@ def _stats(args) -> int:
     from .stats import dataset_stats, format_stats
 
     tokenizer = _load_tokenizer(args.tokenizer)
+    if args.group is not None or args.completion_length is not None:
+        from .stats import format_group_stats, group_stats, prompt_ids_of_file
+
+        if args.group is None or args.completion_length is None:
+            raise ValueError("--group G and --completion-length C go together (the group ideal needs both)")
+        if args.group < 1 or args.completion_length < 1:
+            raise ValueError(f"--group and --completion-length must be positive, got {args.group}, {args.completion_length}")
+        prompts = prompt_ids_of_file(args.data, tokenizer, limit=args.limit)
+        print(format_group_stats(args.data, group_stats(prompts, args.group, args.completion_length)))
+        return 0
     examples = tokenize_preferences(tokenizer, load_preferences(args.data, limit=args.limit), progress=True)
     print(format_stats(args.data, dataset_stats(examples, max_tokens_per_row=args.max_tokens_per_row)))
     return 0
@@ -142,6 +194,16 @@ def main(argv=None) -> int:
     b.add_argument("--length-scale", type=float, default=1.0, help="scale the synthetic profiles' lengths (e.g. 0.25 on CPU)")
     b.add_argument("--budget", type=int, help="max_tokens_per_row of the packed formats")
     b.add_argument("--out-dir", help="write JSON, PNG and a markdown table here")
+    g = b.add_argument_group(
+        "groups mode", "--groups: online RL (GRPO/RLOO) batches, prompts with G completions each: TRL's rows vs "
+        "prefix-shared groups, the policy's forward+backward and the no-grad log-prob forward"
+    )
+    g.add_argument("--groups", action="store_true", help="run the group profiles instead of the preference profiles")
+    g.add_argument("--group-profiles", help="comma-separated: math-reasoning,long-context-qa,multi-turn-chat (default: all)")
+    g.add_argument("--group-sizes", help="comma-separated G (default: 4,8,16)")
+    g.add_argument("--prompts-per-step", type=int, default=2, help="groups per step (default: 2)")
+    g.add_argument("--modes", help="comma-separated: train,logprob (default: both)")
+    g.add_argument("--rounds", type=int, default=3, help="timing rounds per cell; each format keeps its fastest (default: 3)")
     b.add_argument("--name", help="file name stem in --out-dir (default: bench-DEVICE-SHAPE[-rm][-lora], memory-DEVICE)")
     m = b.add_argument_group(
         "memory mode", "--memory: peak memory of the log-prob stage (hidden states -> log-probs, forward+backward) "
@@ -155,15 +217,20 @@ def main(argv=None) -> int:
     m.add_argument("--memory-limit-gb", type=float, default=8.0,
                    help="skip cells whose predicted peak exceeds this (default: 8)")
     m.add_argument("--repeats", type=int, default=2, help="runs per cell; the time is the best (default: 2)")
-    m.add_argument("--threads", type=int, help="OMP_NUM_THREADS of the cells' processes")
+    m.add_argument("--threads", type=int, help="OMP_NUM_THREADS of the cells' processes (--groups: torch's intra-op "
+                   "threads; 1 keeps a busy shared machine from stalling OpenMP barriers)")
     m.add_argument("--chunk-size", type=int, help="the engine's rows per chunk (default: from the vocabulary size)")
     b.set_defaults(run=_bench)
 
-    s = sub.add_parser("stats", help="token counts per format and the predicted speedup of a preference dataset")
+    s = sub.add_parser("stats", help="token counts per format and the predicted speedup of a preference dataset "
+                       "(or of a prompt dataset for GRPO/RLOO: --group G --completion-length C)")
     s.add_argument("data", help="json or jsonl(.gz): standard (prompt/chosen/rejected strings) or chat format")
     s.add_argument("--tokenizer", required=True, help="tokenizer directory or SentencePiece .model file")
     s.add_argument("--limit", type=int, help="read at most this many examples")
     s.add_argument("--max-tokens-per-row", type=int, help="also report packed rows for this budget")
+    s.add_argument("--group", type=int, metavar="G", help="online RL: G completions per prompt (with --completion-length; "
+                   "the file then needs prompts only)")
+    s.add_argument("--completion-length", type=int, metavar="C", help="online RL: tokens per completion")
     s.set_defaults(run=_stats)
 
     args = parser.parse_args(argv)

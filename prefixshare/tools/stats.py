@@ -71,3 +71,73 @@ def format_stats(name: str, s: DatasetStats) -> str:
     if s.paired_rows is not None:
         lines.append(f"  packed rows: paired {s.paired_rows}, prefix-shared {s.shared_rows}")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- online RL groups
+def prompt_ids_of_file(path: str, tokenizer, limit: int | None = None) -> list[list[int]]:
+    """Tokenized prompts of a prompt dataset (:func:`load_prompts`) or of a preference dataset (its examples'
+    prompts as :func:`prefixshare.data.tokenize_preferences` splits them, implicit prompts included: HH-RLHF, ShareGPT pairs)."""
+    from ..data import load_preferences, load_prompts, tokenize_preferences, tokenize_prompts
+
+    try:
+        rows = load_preferences(path, limit=limit)
+    except ValueError:  # not preference pairs: a prompt dataset
+        return tokenize_prompts(load_prompts(path, limit=limit), tokenizer)
+    return [e["prompt_input_ids"] for e in tokenize_preferences(tokenizer, rows)]
+
+
+@dataclass
+class GroupStats:
+    """Token and attention-pair counts of ``G`` completions of ``C`` tokens per prompt: TRL's rows (the prompt
+    in every row, padding-free) vs prefix-shared units (the prompt once per group)."""
+
+    prompts: int
+    median_prompt: float
+    group_size: int
+    completion_length: int
+    rows_tokens: int
+    shared_tokens: int
+    rows_attention: float
+    shared_attention: float
+
+    @property
+    def token_speedup(self) -> float:
+        """The ideal speedup of the linear layers: ``sum G(p + C) / sum (p + G C)``."""
+        return self.rows_tokens / self.shared_tokens
+
+    @property
+    def attention_speedup(self) -> float:
+        return self.rows_attention / self.shared_attention
+
+
+def group_stats(prompt_ids: list[list[int]], group_size: int, completion_length: int) -> GroupStats:
+    """:class:`GroupStats` of tokenized prompts for ``group_size`` completions of ``completion_length`` tokens."""
+    if not prompt_ids:
+        raise ValueError("no prompts")
+    G, C = group_size, completion_length
+    p = [len(ids) for ids in prompt_ids]
+
+    def pairs(n):  # query-key pairs of causal attention over n tokens
+        return n * (n + 1) / 2
+
+    return GroupStats(
+        prompts=len(p),
+        median_prompt=statistics.median(p),
+        group_size=G,
+        completion_length=C,
+        rows_tokens=sum(G * (pi + C) for pi in p),
+        shared_tokens=sum(pi + G * C for pi in p),
+        rows_attention=sum(G * pairs(pi + C) for pi in p),
+        shared_attention=sum(pairs(pi + C) + (G - 1) * (C * pi + pairs(C)) for pi in p),
+    )
+
+
+def format_group_stats(name: str, s: GroupStats) -> str:
+    return "\n".join([
+        f"{name}: {s.prompts} prompts, median {s.median_prompt:g} tokens; G = {s.group_size} completions of "
+        f"{s.completion_length} tokens each",
+        f"  tokens, all prompts with G completions each: rows (TRL) {s.rows_tokens:,}, prefix-shared groups "
+        f"{s.shared_tokens:,}",
+        f"  group ideal: {s.token_speedup:.2f}x on linear layers (tokens, G(p + c) / (p + Gc)), "
+        f"{s.attention_speedup:.2f}x on attention (query-key pairs)",
+    ])  # fmt: skip
