@@ -883,6 +883,12 @@ def render_markdown(cells: list[Cell], command: str, device: str, seconds: float
 # ---------------------------------------------------------------------------------------------- breadth report
 BREADTH_STATES = (EXACT, REFUSED, NOT_BUILT, FAIL, ERROR)
 
+# where the class's default config is not what its checkpoints are
+BREADTH_NOTES = {
+    "lfm2": "the default config has attention layers only; LFM2 checkpoints with convolution layers are refused "
+    "(tests/test_trust.py)",
+}
+
 
 def _short_reason(result: ArchitectureResult) -> str:
     """The refusal or failure, without patch's boilerplate, for one table cell."""
@@ -944,7 +950,8 @@ def render_breadth_markdown(results: list[ArchitectureResult], seconds: float) -
         leak = f"{max(r.leak_error, r.leak_grad_error):.0e}" if r.leak_error is not None else ""
         features = ", ".join(r.features)
         refusals = "; ".join(f"{b}: refused ({m.split(', which')[0].split(' uses ')[-1]})" for b, m in r.refusals.items())
-        reason = "; ".join(filter(None, [_short_reason(r) if r.status != EXACT else "", refusals]))
+        reason = "; ".join(filter(None, [_short_reason(r) if r.status != EXACT else "", refusals,
+                                         BREADTH_NOTES.get(r.model_type, "")]))  # fmt: skip
         status = r.status if r.status not in (FAIL, ERROR) else f"**{r.status.upper()}**"
         lines.append(
             f"| {r.model_type} | {r.model_class} | {status} | {'yes' if r.moe else ''} | {features} | {errors} | "

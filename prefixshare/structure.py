@@ -170,8 +170,10 @@ ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
 _LAYER_TYPE_WHY = {
     "chunked_attention": "attention within fixed chunks of physical positions (Llama 4), applied only through "
     "the model's own mask",
-    "indexed_attention": "sparse attention over keys an indexer selects from the physical sequence (DeepSeek "
-    "sparse attention)",
+    **dict.fromkeys(
+        ("indexed_attention", "deepseek_sparse_attention"),  # (the second: its name in transformers 5.17)
+        "sparse attention over keys an indexer selects from the physical sequence (DeepSeek sparse attention)",
+    ),
     "heavily_compressed_attention": "attention over keys compressed from blocks of the physical sequence",
 }
 
