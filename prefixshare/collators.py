@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .layout import LAYOUT_KEY, Placement, PrefixShareLayout, UnitSpec
+from .layout import LAYOUT_KEY, PrefixShareLayout, UnitSpec, place_in_rows
 from .packing import first_fit_decreasing
 
 
@@ -256,16 +256,7 @@ class _PreferenceCollator:
         checked = self.normalize(examples)
         units = self._units(checked)
         rows = self._rows(units)
-        placements = []
-        for r, members in enumerate(rows):
-            offset = 0
-            for u in members:
-                placements.append(Placement(r, offset, units[u]))
-                offset += units[u].length
-        used = max(sum(units[u].length for u in members) for members in rows)
-        L = used
-        if self.pad_to_multiple_of:
-            L = -(-L // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        placements, L = place_in_rows(units, rows, self.pad_to_multiple_of)
         layout = PrefixShareLayout.from_placements(
             placements,
             num_rows=len(rows),

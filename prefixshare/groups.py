@@ -19,13 +19,14 @@ right-padded or unpadded lists, with optional 0/1 masks. Padding is stripped by 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Sequence
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import torch
 
 from .collators import INT64_MAX, PrefixShareBatch, is_numpy_array
 from .engine import response_logps
-from .layout import LAYOUT_KEY, Placement, PrefixShareLayout, UnitSpec
+from .layout import LAYOUT_KEY, PrefixShareLayout, UnitSpec, place_in_rows
 from .packing import first_fit_decreasing
 
 __all__ = ["CompletionGroups", "CompletionLogps", "completion_logps", "group_completions"]
@@ -46,6 +47,11 @@ class CompletionGroups:
             completion for unpadded input).
         completion_lengths: ``[num_rows]`` long, the tokens scored per row (0 for an empty completion).
         num_prompts: distinct prompts found.
+        token_weights: for each batch, ``[B, L]`` float32: how many input rows hold each token of the batch (a
+            prompt token: the rows of its prompt this unit stands for; a completion token 1; padding 0): the
+            count the row format's forward routes each token with, for the MoE load-balancing loss
+            (:func:`prefixshare.moe.load_balancing_loss`). Rows with an empty completion add to their prompt's
+            first unit; a prompt whose completions are all empty is only laid out with ``keep_empty_groups=True``.
     """
 
     batches: tuple[PrefixShareBatch, ...]
@@ -54,6 +60,7 @@ class CompletionGroups:
     completion_length: int
     completion_lengths: torch.Tensor
     num_prompts: int
+    token_weights: tuple[torch.Tensor, ...] = ()
 
     @property
     def num_tokens(self) -> int:
@@ -69,6 +76,7 @@ class CompletionGroups:
             self.completion_length,
             self.completion_lengths,
             self.num_prompts,
+            self.token_weights,
         )
 
     def mask(self, device=None) -> torch.Tensor:
@@ -228,6 +236,7 @@ def group_completions(
     max_tokens_per_row: int | None = None,
     max_completions_per_forward: int | None = None,
     pad_to_multiple_of: int | None = None,
+    keep_empty_groups: bool = False,
 ) -> CompletionGroups:
     """Group completion rows by prompt into prefix-shared batches ``[prompt | completion 1 | ... | completion k]``.
 
@@ -255,6 +264,10 @@ def group_completions(
         max_completions_per_forward: at most this many completions per model forward (each a batch of its own);
             a bigger group is split into units of this many. None: a single forward.
         pad_to_multiple_of: round each batch's row length up to a multiple of this.
+        keep_empty_groups: also lay out the prompts whose completions are all empty, each as a unit
+            ``[prompt | one padding token]`` from which nothing is read, so that the forwards route every prompt
+            the row format's forward routes (the MoE load-balancing loss counts them: see ``token_weights``).
+            False (default): such prompts are not computed.
 
     Returns:
         :class:`CompletionGroups`, for :func:`completion_logps`. Output rows follow the input's completion rows.
@@ -298,8 +311,11 @@ def group_completions(
 
     # Group the rows with a token to score by their prompt's tokens.
     groups: dict[tuple[int, ...], list[int]] = {}
+    empty_rows: dict[tuple[int, ...], int] = {}  # rows without a completion token, by their (non-empty) prompt
     for r in range(N):
         if lengths[r] == 0:
+            if prompt_tokens[owner[r]]:
+                empty_rows[prompt_tokens[owner[r]]] = empty_rows.get(prompt_tokens[owner[r]], 0) + 1
             continue
         prompt = prompt_tokens[owner[r]]
         if not prompt:
@@ -312,60 +328,60 @@ def group_completions(
     # A canonical order (prompts, and completions within a group, sorted by their tokens): the layout depends on
     # which rows are given, not on their order, so shuffled copies of a batch (TRL shuffles between the old-policy
     # and the policy forward) are laid out, and rounded, identically.
+    num_prompts = len(groups)
+    if keep_empty_groups:
+        groups.update({prompt: [] for prompt in empty_rows if prompt not in groups})
     groups = {prompt: sorted(rows, key=lambda r: (completions[r], r)) for prompt, rows in sorted(groups.items())}
 
-    # Pieces: a prompt and the completions of one unit (split to respect the two budgets).
-    pieces: list[tuple[tuple[int, ...], list[int]]] = []
+    # Pieces: a prompt, the completions of one unit (split to respect the two budgets) and the number of input rows
+    # its prompt stands for (its completions', plus the group's empty rows on its first piece).
+    pieces: list[tuple[tuple[int, ...], list[int], int]] = []
     for prompt, rows in groups.items():
         piece: list[int] = []
-        size = len(prompt)
+        size, extra = len(prompt), empty_rows.get(prompt, 0)
         for r in rows:
             full_count = max_completions_per_forward is not None and len(piece) == max_completions_per_forward
             full_tokens = max_tokens_per_row is not None and piece and size + lengths[r] > max_tokens_per_row
             if full_count or full_tokens:
-                pieces.append((prompt, piece))
-                piece, size = [], len(prompt)
+                pieces.append((prompt, piece, len(piece) + extra))
+                piece, size, extra = [], len(prompt), 0
             piece.append(r)
             size += lengths[r]
-        if piece:
-            pieces.append((prompt, piece))
+        if piece or extra:
+            pieces.append((prompt, piece, len(piece) + extra))
 
     # Forwards: consecutive pieces, at most max_completions_per_forward completions each.
     forwards: list[list[int]] = []
     count = 0
-    for p, (_, rows) in enumerate(pieces):
+    for p, (_, rows, _) in enumerate(pieces):
         if not forwards or (max_completions_per_forward is not None and count + len(rows) > max_completions_per_forward):
             forwards.append([])
             count = 0
         forwards[-1].append(p)
         count += len(rows)
 
-    batches, slots = [], []
     if not pieces:
-        # Nothing to score (every completion empty): one two-token unit of padding, whose log-probs are multiplied
-        # by zero, keeps completion_logps' output on the model's graph, as a forward on all-masked rows does in
-        # the row format (a loss without a graph would fail in backward, and ranks would skip a forward).
-        batch, slot = _build_batch([((pad_token_id,), [0])], [[pad_token_id]], [1], pad_token_id, None, None)
-        batches.append(batch)
-        slots.append(slot.fill_(-1))
-    for members in forwards:
-        batch, slot = _build_batch(
-            [pieces[p] for p in members], completions, lengths, pad_token_id, max_tokens_per_row, pad_to_multiple_of
-        )
-        batches.append(batch)
-        slots.append(slot)
-    return CompletionGroups(
-        tuple(batches), tuple(slots), N, C, torch.tensor(lengths, dtype=torch.long), len(groups)
-    )
+        # Nothing to score (every completion empty): one two-token unit of padding, from which nothing is read,
+        # keeps completion_logps' output on the model's graph, as a forward on all-masked rows does in the row
+        # format (a loss without a graph would fail in backward, and ranks would skip a forward).
+        pieces, forwards = [((pad_token_id,), [], 0)], [[0]]
+    built = [
+        _build_batch([pieces[p] for p in members], completions, lengths, pad_token_id, max_tokens_per_row, pad_to_multiple_of)
+        for members in forwards
+    ]  # fmt: skip
+    batches, slots, weights = zip(*built)
+    return CompletionGroups(batches, slots, N, C, torch.tensor(lengths, dtype=torch.long), num_prompts, weights)
 
 
 def _build_batch(pieces, completions, lengths, pad_token_id, max_tokens_per_row, pad_to_multiple_of):
-    """One prefix-shared batch of the given pieces (example i = piece i, response k = its k-th completion)."""
-    K = max(len(rows) for _, rows in pieces)
+    """One prefix-shared batch of the given pieces (example i = piece i, response k = its k-th completion), its
+    ``[examples, K]`` slots (input rows, -1 where empty) and its ``[B, L]`` token weights. A piece without
+    completions is laid out as ``[prompt | one padding token]``: routed, never read (slot -1)."""
+    K = max(max(len(rows) for _, rows, _ in pieces), 1)
     units = [
-        UnitSpec(example=i, prompt_length=len(prompt), response_slots=tuple(range(len(rows))),
-                 response_lengths=tuple(lengths[r] for r in rows))
-        for i, (prompt, rows) in enumerate(pieces)
+        UnitSpec(example=i, prompt_length=len(prompt), response_slots=tuple(range(max(len(rows), 1))),
+                 response_lengths=tuple(lengths[r] for r in rows) or (1,))
+        for i, (prompt, rows, _) in enumerate(pieces)
     ]  # fmt: skip
     if max_tokens_per_row is None:
         bins = [[i] for i in range(len(units))]
@@ -374,32 +390,27 @@ def _build_batch(pieces, completions, lengths, pad_token_id, max_tokens_per_row,
         fits = [i for i, u in enumerate(units) if u.length <= max_tokens_per_row]
         bins = [[fits[j] for j in b] for b in first_fit_decreasing([units[i].length for i in fits], max_tokens_per_row)]
         bins += [[i] for i, u in enumerate(units) if u.length > max_tokens_per_row]
-    placements = []
-    for row, members in enumerate(bins):
-        offset = 0
-        for i in members:
-            placements.append(Placement(row, offset, units[i]))
-            offset += units[i].length
-    L = max(sum(units[i].length for i in members) for members in bins)
-    if pad_to_multiple_of:
-        L = -(-L // pad_to_multiple_of) * pad_to_multiple_of
+    placements, L = place_in_rows(units, bins, pad_to_multiple_of)
     max_id = pad_token_id
     input_ids = torch.full((len(bins), L), pad_token_id, dtype=torch.long)
+    weights = torch.zeros((len(bins), L), dtype=torch.float32)
     for pl in placements:
-        prompt, rows = pieces[pl.unit.example]
+        prompt, rows, prompt_weight = pieces[pl.unit.example]
         ids = list(prompt)
         for r in rows:
             ids.extend(completions[r][: lengths[r]])
         max_id = max(max_id, max(ids))
         input_ids[pl.row, pl.offset : pl.offset + len(ids)] = torch.tensor(ids, dtype=torch.long)
+        weights[pl.row, pl.offset : pl.offset + len(prompt)] = prompt_weight
+        weights[pl.row, pl.offset + len(prompt) : pl.offset + len(ids)] = 1.0
     layout = PrefixShareLayout.from_placements(
         placements, num_rows=len(bins), row_length=L, num_examples=len(pieces), num_responses=K, max_token_id=max_id
     )
     slot = torch.full((len(pieces), K), -1, dtype=torch.long)
-    for i, (_, rows) in enumerate(pieces):
+    for i, (_, rows, _) in enumerate(pieces):
         slot[i, : len(rows)] = torch.tensor(rows, dtype=torch.long)
     batch = PrefixShareBatch(input_ids=input_ids, position_ids=layout.position_ids, use_cache=False, **{LAYOUT_KEY: layout})
-    return batch, slot
+    return batch, slot, weights
 
 
 # ---------------------------------------------------------------------------------------------- log-probs
@@ -410,6 +421,7 @@ def completion_logps(
     stats=(),
     temperature: float = 1.0,
     chunk_size: int | None = None,
+    model_kwargs: Mapping[str, Any] | None = None,
 ) -> CompletionLogps:
     """Per-token log-probs of every completion, in the row layout ``[rows, completion_length]``.
 
@@ -424,6 +436,7 @@ def completion_logps(
         stats: per-token statistics of :data:`prefixshare.STATS` (e.g. ``("entropy",)``), no gradient.
         temperature: the sampling temperature the completions were drawn with (TRL's ``args.temperature``).
         chunk_size: rows of the LM head per chunk (see :func:`prefixshare.response_logps`).
+        model_kwargs: extra keyword arguments of every forward (e.g. ``output_router_logits=True``).
 
     Returns:
         :class:`CompletionLogps`: ``logps`` ``[rows, C]`` float32 with its graph, ``mask`` ``[rows, C]`` bool and
@@ -435,28 +448,26 @@ def completion_logps(
     device = _model_device(model)
     N, C = groups.num_rows, groups.completion_length
     flats, values, stat_values = [], [], {}
-    link = None
     for batch, slot in zip(groups.batches, groups.slots):
         if device is not None and batch["input_ids"].device != device:
             batch = batch.to(device)
-        out = response_logps(model, batch, per_token=True, stats=stats, temperature=temperature, chunk_size=chunk_size)
-        if bool((slot[:, 0] < 0).any()):  # the padding unit of groups with nothing to score: keep its graph only
-            link = out.token_logps.sum() * 0.0
-            continue
+        inputs = {**batch, **model_kwargs} if model_kwargs else batch
+        out = response_logps(model, inputs, per_token=True, stats=stats, temperature=temperature, chunk_size=chunk_size)
         index = out.token_index
-        slot = slot.to(out.token_logps.device)
-        flats.append(slot[index.example, index.response] * C + index.position)
+        rows = slot.to(out.token_logps.device)[index.example, index.response]
+        # tokens of units nothing is read from (slot -1) go to a spare last entry, dropped below: no device sync
+        flats.append(torch.where(rows >= 0, rows * C + index.position, N * C))
         values.append(out.token_logps)
         for name, v in (out.stats or {}).items():
             stat_values.setdefault(name, []).append(v)
-    if link is not None:
-        zeros = link.new_zeros(N, C) + link
-        return CompletionLogps(zeros, groups.mask(zeros.device), {name: torch.zeros_like(zeros) for name in _names(stats)})
     flat = torch.cat(flats)
     token_logps = torch.cat(values)
-    logps = token_logps.new_zeros(N * C).index_put((flat,), token_logps).view(N, C)
+    # Rows without a token get zeros; the result stays on the model's graph whenever a forward ran.
+    logps = token_logps.new_zeros(N * C + 1).index_put((flat,), token_logps)[: N * C].view(N, C)
     scattered = {
-        name: torch.zeros(N * C, dtype=torch.float32, device=flat.device).index_put_((flat,), torch.cat(v)).view(N, C)
+        name: torch.zeros(N * C + 1, dtype=torch.float32, device=flat.device)
+        .index_put_((flat,), torch.cat(v))[: N * C]
+        .view(N, C)
         for name, v in stat_values.items()
     }
     return CompletionLogps(logps, groups.mask(flat.device), scattered)

@@ -64,6 +64,24 @@ class Placement:
     unit: UnitSpec
 
 
+def place_in_rows(
+    units: Sequence[UnitSpec], rows: Sequence[Sequence[int]], pad_to_multiple_of: int | None = None
+) -> tuple[list[Placement], int]:
+    """Lay units out back to back in rows: ``rows[r]`` lists the indices (into ``units``) of row ``r``'s units,
+    in order. Returns the placements and the row length: the longest row, rounded up to a multiple of
+    ``pad_to_multiple_of``."""
+    placements = []
+    for row, members in enumerate(rows):
+        offset = 0
+        for i in members:
+            placements.append(Placement(row, offset, units[i]))
+            offset += units[i].length
+    length = max(sum(units[i].length for i in members) for members in rows)
+    if pad_to_multiple_of:
+        length = -(-length // pad_to_multiple_of) * pad_to_multiple_of
+    return placements, length
+
+
 @dataclass(eq=False)
 class PrefixShareLayout:
     """Per-token description of a prefix-shared (or paired) batch of shape ``[B, L]``.

@@ -10,9 +10,13 @@ weighted by the config's ``router_aux_loss_coef``) is, over the ``N`` tokens it 
 
 with ``N`` the number of (token, MoE layer) pairs. Which tokens are counted is the one difference between
 the formats: the paired format counts every real token of its ``2B`` rows, so each prompt twice (once per
-response); a prefix-shared batch holds each prompt once, so :func:`load_balancing_loss` counts each prompt
-token once and each response token once, and never a padding token. On the same data the two values differ
-(the prompt's routing weighs half as much here); each is the loss of the tokens its forward actually routed.
+response); a prefix-shared batch holds each prompt once. :func:`load_balancing_loss` counts by default what
+the forward routed (each prompt token once, each response token once, never a padding token), and with
+``token_weights`` any other count: :func:`paired_token_weights` gives the paired format's (each prompt token
+once per response of its unit), with which the value is the paired format's (TRL's) to rounding, since a
+prompt token is routed identically in every row that holds it (causal attention: its hidden states depend on
+the prompt alone). The TRL drop-ins use the paired (row-format) count, so that their logged ``aux_loss`` and
+loss are TRL's; ``preference_step`` counts what it routed.
 
 Wiring: :func:`router_aux_loss_coef` decides whether a model gets the loss (as TRL: a text config that has
 ``output_router_logits`` and a non-zero coefficient), :func:`capture_router_logits` collects the router
@@ -31,7 +35,9 @@ from ._compat import text_config
 from .layout import PAD_SEGMENT, PrefixShareLayout
 from .structure import unwrap_model
 
-__all__ = ["capture_router_logits", "load_balancing_loss", "moe_routing", "router_aux_loss_coef"]
+__all__ = [
+    "capture_router_logits", "load_balancing_loss", "moe_routing", "paired_token_weights", "router_aux_loss_coef",
+]  # fmt: skip
 
 # config fields that hold the number of routed experts, in the names transformers' MoE configs use
 _EXPERT_COUNTS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
@@ -77,8 +83,19 @@ def moe_routing(model) -> tuple[int, int]:
     return experts, top_k
 
 
+def paired_token_weights(layout: PrefixShareLayout) -> torch.Tensor:
+    """``[B, L]`` float32: how often the paired format (TRL's rows) holds each token of ``layout``: a prompt token
+    once per response of its unit, a response token once, padding 0. ``token_weights`` for
+    :func:`load_balancing_loss` that reproduce the paired format's value."""
+    weights = (layout.segment_ids != PAD_SEGMENT).to(torch.float32)
+    for placement in layout.placements:
+        start = placement.offset
+        weights[placement.row, start : start + placement.unit.prompt_length] = len(placement.unit.response_slots)
+    return weights
+
+
 def load_balancing_loss(
-    router_logits, layout: PrefixShareLayout, *, num_experts: int, top_k: int
+    router_logits, layout: PrefixShareLayout, *, num_experts: int, top_k: int, token_weights: torch.Tensor | None = None
 ) -> torch.Tensor:
     """The load-balancing loss (see the module docstring) over the real tokens of ``layout``.
 
@@ -87,6 +104,8 @@ def load_balancing_loss(
             batch's ``[B, L]`` order), as transformers' MoE models return them with ``output_router_logits=True``.
         layout: the batch's layout; its padding positions are left out, every other token counts once.
         num_experts, top_k: the model's ``E`` and experts per token (:func:`moe_routing`).
+        token_weights: ``[B, L]`` (any real dtype), how many times each token counts, instead of once per real
+            token: e.g. :func:`paired_token_weights`. Non-negative, 0 on padding.
 
     Returns:
         a float32 scalar with a graph to the routers' parameters.
@@ -98,7 +117,19 @@ def load_balancing_loss(
         raise ValueError("prefixshare: the forward returned no router logits (pass output_router_logits=True)")
     rows = layout.shape[0] * layout.shape[1]
     device = layers[0].device
-    real = (layout.segment_ids.reshape(-1) != PAD_SEGMENT).to(device=device, dtype=torch.float32)
+    real = layout.segment_ids != PAD_SEGMENT
+    if token_weights is None:
+        weights = real.to(torch.float32)
+    else:
+        if tuple(token_weights.shape) != tuple(layout.shape):
+            raise ValueError(
+                f"prefixshare: token_weights has shape {tuple(token_weights.shape)}; expected the batch's "
+                f"{tuple(layout.shape)}"
+            )
+        weights = token_weights.detach().to(real.device, torch.float32)
+        if bool((weights < 0).any()) or bool((weights[~real] != 0).any()):
+            raise ValueError("prefixshare: token_weights must be >= 0 on tokens and 0 on padding")
+    weights = weights.reshape(-1).to(device)
     assignments = torch.zeros(num_experts, dtype=torch.float32, device=device)
     probabilities = torch.zeros(num_experts, dtype=torch.float32, device=device)
     counted = torch.zeros((), dtype=torch.float32, device=device)
@@ -108,11 +139,11 @@ def load_balancing_loss(
                 f"prefixshare: router logits of MoE layer {index} have shape {tuple(logits.shape)}; expected "
                 f"({rows}, {num_experts}): one row per token of the [{layout.shape[0]}, {layout.shape[1]}] batch"
             )
-        weights = torch.softmax(logits.to(device).float(), dim=-1)
-        chosen = torch.topk(weights, top_k, dim=-1).indices  # [rows, top_k]
-        assignments = assignments.scatter_add(0, chosen.reshape(-1), real.repeat_interleave(top_k))
-        probabilities = probabilities + (weights * real[:, None]).sum(dim=0)
-        counted = counted + real.sum()
+        probability = torch.softmax(logits.to(device).float(), dim=-1)
+        chosen = torch.topk(probability, top_k, dim=-1).indices  # [rows, top_k]
+        assignments = assignments.scatter_add(0, chosen.reshape(-1), weights.repeat_interleave(top_k))
+        probabilities = probabilities + (probability * weights[:, None]).sum(dim=0)
+        counted = counted + weights.sum()
     return num_experts * torch.sum((assignments / counted) * (probabilities / counted))
 
 

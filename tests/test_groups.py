@@ -129,6 +129,23 @@ def test_temperature_empty_completions_and_splits():
     compare(reference, patched, rows, max_tokens_per_row=16)
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["unpacked", "packed"])
+def test_keep_empty_groups_routes_prompts_without_reading_them(packed):
+    """keep_empty_groups=True (the MoE router statistics of TRL's rows) lays out a prompt whose completions are all
+    empty as [prompt | padding]: its tokens are routed, nothing is read from it, every value stays the rows'."""
+    reference, patched = models()
+    prompt_ids, prompt_mask, completion_ids, completion_mask = random_rows(3, 2, seed=5)
+    first = prompt_ids[0]
+    empty = [r for r in range(len(prompt_ids)) if torch.equal(prompt_ids[r], first)]  # both rows of one prompt
+    completion_mask[empty] = 0
+    rows = (prompt_ids, prompt_mask, completion_ids, completion_mask)
+    kept = compare(reference, patched, rows, keep_empty_groups=True, max_tokens_per_row=40 if packed else None)
+    plain = group_completions(prompt_ids, completion_ids, prompt_mask=prompt_mask, completion_mask=completion_mask)
+    assert kept.num_prompts == plain.num_prompts == 2  # prompts with something to score
+    assert kept.num_tokens == plain.num_tokens + int(prompt_mask[empty[0]].sum()) + 1  # the prompt and one filler
+    assert float(kept.token_weights[0].sum()) == float(prompt_mask.sum() + completion_mask.sum())
+
+
 def test_groups_given_per_prompt_and_unpadded_lists():
     reference, patched = models()
     prompts = [[5, 6, 7], [9, 8]]

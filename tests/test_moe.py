@@ -14,7 +14,9 @@ import torch
 
 import prefixshare
 from prefixshare import PairedCollator, PrefixShareCollator, patch
-from prefixshare.moe import capture_router_logits, load_balancing_loss, moe_routing, router_aux_loss_coef
+from prefixshare.moe import (
+    capture_router_logits, load_balancing_loss, moe_routing, paired_token_weights, router_aux_loss_coef,
+)  # fmt: skip
 from prefixshare.testing import random_examples
 from prefixshare.testing import tiny_model, tiny_model_of
 
@@ -98,6 +100,37 @@ def test_the_prompt_counts_once_and_routing_matches_the_runs_alone(model_type):
     assert abs(shared - _by_hand(once_rows, E, k)) <= 1e-6 * shared
     assert abs(twice - _by_hand(twice_rows, E, k)) <= 1e-6 * twice
     assert abs(twice - shared) > 1e-4 * shared  # the formats count different tokens
+    # the paired format's count, from the prefix-shared forward: each prompt token once per response
+    weights = paired_token_weights(batch.layout)
+    as_paired = float(
+        load_balancing_loss(_router_logits(model, batch), batch.layout, num_experts=E, top_k=k, token_weights=weights)
+    )
+    assert abs(as_paired - twice) <= 1e-6 * twice
+
+
+def test_paired_token_weights_count_the_prompt_once_per_response():
+    batch = PrefixShareCollator(0, max_tokens_per_row=70)(
+        [{"prompt_input_ids": [5, 6, 7], "chosen_input_ids": [8], "rejected_input_ids": [9, 10]},
+         {"prompt_input_ids": [11], "chosen_input_ids": [12, 13], "rejected_input_ids": [14]}]
+    )  # fmt: skip
+    weights = paired_token_weights(batch.layout)
+    counts = {}
+    for row in range(batch.layout.shape[0]):
+        for t, w in zip(batch["input_ids"][row].tolist(), weights[row].tolist()):
+            counts[t] = counts.get(t, 0) + w
+    assert {t: counts[t] for t in range(5, 15)} == {5: 2, 6: 2, 7: 2, 8: 1, 9: 1, 10: 1, 11: 2, 12: 1, 13: 1, 14: 1}
+    assert float(weights.sum()) == 14  # nothing else: padding weighs 0
+
+
+def test_token_weights_are_checked():
+    model = _moe("mixtral")
+    batch = PrefixShareCollator(0, max_tokens_per_row=70)(_examples())
+    logits, (E, k) = _router_logits(model, batch), moe_routing(model)
+    with pytest.raises(ValueError, match="token_weights has shape"):
+        load_balancing_loss(logits, batch.layout, num_experts=E, top_k=k, token_weights=torch.ones(1, 3))
+    on_padding = torch.ones(batch.layout.shape)
+    with pytest.raises(ValueError, match="0 on padding"):
+        load_balancing_loss(logits, batch.layout, num_experts=E, top_k=k, token_weights=on_padding)
 
 
 def test_preference_step_adds_the_weighted_loss_and_logs_it():
@@ -135,3 +168,41 @@ def test_router_logits_of_another_shape_are_refused():
         load_balancing_loss((logits[0][:-1],), batch.layout, num_experts=4, top_k=2)
     with pytest.raises(ValueError, match="no router logits"):
         load_balancing_loss((), batch.layout, num_experts=4, top_k=2)
+
+
+def test_group_token_weights_give_the_row_formats_value():
+    """Online RL: TRL's forward over [prompt | completion] rows routes each prompt once per row, rows with an empty
+    (fully masked) completion and groups with only such rows included. The prefix-shared forward of
+    group_completions(keep_empty_groups=True), counted with its token_weights, gives the model's own aux_loss of
+    the rows (transformers' load-balancing function with the attention mask), also when a group is split over
+    units by the row budget."""
+    from prefixshare import completion_logps, group_completions
+
+    model = _moe("qwen3_moe")
+    g = torch.Generator().manual_seed(0)
+    a, b, c = (torch.randint(3, 96, (6,), generator=g) for _ in range(3))
+    prompts = torch.stack([a, a, a, a, b, b, c])
+    completions = torch.randint(3, 96, (7, 5), generator=g)
+    lengths = torch.tensor([5, 0, 3, 4, 0, 0, 2])  # prompt a: one empty row; prompt b: all empty
+    completion_mask = (torch.arange(5)[None] < lengths[:, None]).long()
+    with torch.no_grad():
+        rows = model(
+            input_ids=torch.cat([prompts, completions], 1),
+            attention_mask=torch.cat([torch.ones_like(prompts), completion_mask], 1),
+            output_router_logits=True,
+            use_cache=False,
+        )
+    want = float(rows.aux_loss)
+    E, k = moe_routing(model)
+    for budget in (None, 12):  # 12: prompt a's three completions go to units of their own, each with the prompt
+        groups = group_completions(
+            prompts, completions, completion_mask=completion_mask, keep_empty_groups=True, max_tokens_per_row=budget
+        )
+        with capture_router_logits(model) as captured, torch.no_grad():
+            completion_logps(model, groups, model_kwargs={"output_router_logits": True})
+        (batch,), (weights,) = groups.batches, groups.token_weights
+        got = float(load_balancing_loss(captured.router_logits, batch.layout, num_experts=E, top_k=k, token_weights=weights))
+        assert abs(got - want) <= 1e-6 * want, (budget, got, want)
+        assert float(weights.sum()) == int(torch.cat([torch.ones_like(prompts), completion_mask], 1).sum())
+    without = group_completions(prompts, completions, completion_mask=completion_mask)
+    assert float(without.token_weights[0].sum()) < float(weights.sum())  # prompt b is not laid out by default
