@@ -47,7 +47,7 @@ from prefixshare.integrations.trl import (  # noqa: E402
     PrefixShareDPOCollator,
     PrefixShareDPOTrainer,
 )
-from prefixshare.testing import tiny_model  # noqa: E402
+from prefixshare.testing import tiny_model, tiny_model_of  # noqa: E402
 
 RTOL, ATOL = 1e-4, 1e-5
 EXACT = {"num_tokens", "rewards/accuracies", "mean_token_accuracy", "step", "epoch", "learning_rate"}
@@ -104,15 +104,21 @@ def config(tmp_path, **overrides):
     return DPOConfig(**values)
 
 
-def model(tokenizer):
-    return tiny_model("llama", vocab_size=len(tokenizer)).train()
+def model(tokenizer, model_type="llama", seed=0, **config):
+    if model_type == "llama":
+        return tiny_model("llama", vocab_size=len(tokenizer), seed=seed, **config).train()
+    return tiny_model_of(model_type, vocab_size=len(tokenizer), seed=seed, **config).train()
 
 
-def train(cls, tokenizer, tmp_path, *, reference="model", evaluate=False, trainer_kwargs=None, **overrides):
-    """Train 3 steps; return (per-step logs, eval metrics or None, trainer)."""
+def train(
+    cls, tokenizer, tmp_path, *, reference="model", evaluate=False, trainer_kwargs=None, model_config=None, **overrides
+):
+    """Train 3 steps; return (per-step logs, eval metrics or None, trainer). ``model_config``: the policy's (and
+    reference's) model type and config overrides (default: a tiny Llama)."""
     kwargs = dict(trainer_kwargs or {})
+    model_config = dict(model_config or {})
     if reference == "model":
-        kwargs["ref_model"] = tiny_model("llama", vocab_size=len(tokenizer))
+        kwargs["ref_model"] = model(tokenizer, **model_config).eval()
     elif reference == "lora":
         from peft import LoraConfig
 
@@ -120,7 +126,7 @@ def train(cls, tokenizer, tmp_path, *, reference="model", evaluate=False, traine
     if evaluate:
         kwargs["eval_dataset"] = dataset(EVAL_ROWS, cls.__name__)
     trainer = cls(
-        model=model(tokenizer),
+        model=model(tokenizer, **model_config),
         args=config(tmp_path / cls.__name__, **overrides),
         train_dataset=dataset(ROWS, cls.__name__),
         processing_class=tokenizer,
@@ -247,6 +253,27 @@ def test_every_loss_type_and_option_matches_trl(tokenizer, tmp_path, case):
     theirs, _, _ = train(DPOTrainer, tokenizer, tmp_path, **options)
     ours, _, _ = train(PrefixShareDPOTrainer, tokenizer, tmp_path, **options)
     assert_logs_match(ours, theirs, case)
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("packed", [False, True], ids=["unpacked", "packed"])
+def test_moe_router_aux_loss_matches_trl(tokenizer, tmp_path, model_type, packed):
+    """A Mixture-of-Experts policy with its load-balancing loss (router_aux_loss_coef != 0): the logged aux_loss
+    and the loss are trl.DPOTrainer's, step by step. TRL's paired forward routes each prompt twice; the drop-in
+    routes it once and counts it once per response (a prompt token is routed identically in both rows).
+
+    Fails on the main this started from: NotImplementedError in __init__ (the router loss was not wired).
+    """
+    options = dict(router_aux_loss_coef=0.5, model_config=dict(model_type=model_type))
+    theirs, _, _ = train(DPOTrainer, tokenizer, tmp_path, **options)
+    kwargs = {"prefixshare_max_tokens_per_row": 200} if packed else {}
+    ours, _, trainer = train(PrefixShareDPOTrainer, tokenizer, tmp_path, trainer_kwargs=kwargs, **options)
+    assert trainer.aux_loss_enabled
+    assert all(entry["aux_loss"] > 0 for entry in theirs)
+    assert_logs_match(ours, theirs, f"{model_type} router_aux_loss_coef 0.5{', packed' if packed else ''}")
+    if packed:
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+        assert batch["input_ids"].shape[0] < 4
 
 
 def test_padding_free_packs_each_batch_into_one_row(tokenizer, tmp_path):

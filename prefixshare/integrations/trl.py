@@ -59,27 +59,23 @@ from typing import Any
 
 import torch
 
-try:
-    from trl import DPOConfig, DPOTrainer
-except ImportError as error:  # pragma: no cover - depends on the environment
-    raise ImportError("prefixshare.integrations.trl needs TRL: pip install 'trl>=1.16'") from error
-
 from accelerate.utils import is_peft_model
 
 from ..collators import PrefixShareCollator
 from ..layout import LAYOUT_KEY
 from ..engine import response_logps
 from ..logps import ResponseLogps
+from ..moe import capture_router_logits, load_balancing_loss, moe_routing, paired_token_weights
 from ..losses import TRL_LOSS_TYPES, length_desensitized_logps, preference_loss, sft_loss, wpo_weights
-from ..patch import patch
-from ..structure import unwrap_model
 from .trl_common import (
     PAIRED_TOKENS_KEY,
+    PrefixSharePatching,
     bind_trainer_arguments,
     check_shared_trainer_options,
     is_prompt_learning,
     paired_tokens_per_row,
 )
+from trl import DPOConfig, DPOTrainer  # after .trl_common, which says how to install TRL if it is missing
 
 __all__ = [
     "PrefixShareDPOCollator",
@@ -349,7 +345,7 @@ def _default_collator(tokenizer, config: DPOConfig, max_tokens_per_row: int | No
     )
 
 # ---------------------------------------------------------------------------------------------- trainer
-class PrefixShareDPOTrainer(DPOTrainer):
+class PrefixShareDPOTrainer(PrefixSharePatching, DPOTrainer):
     """TRL's ``DPOTrainer`` with prefix sharing: same arguments, plus ``prefixshare_backend``,
     ``prefixshare_max_tokens_per_row`` and ``prefixshare_stop_on_nonfinite`` (see the module docstring).
 
@@ -362,8 +358,6 @@ class PrefixShareDPOTrainer(DPOTrainer):
             models, prompt-learning PEFT, tensor/context/sequence parallelism, ``accelerator_config.dispatch_batches=
             True``), or one trl.DPOTrainer accepts but fails on mid-training (``use_weighting`` with ``sft``,
             ``label_smoothing`` out of a loss's range). See docs/trl.md.
-        NotImplementedError: a Mixture-of-Experts model with its router auxiliary loss enabled (the hook
-            :meth:`_prefixshare_router_aux_loss` is not implemented yet).
         prefixshare.UnsupportedModelError: an architecture :func:`prefixshare.patch` does not support.
         FloatingPointError: while training or evaluating with ``prefixshare_stop_on_nonfinite=True``, at the first
             step with nan/inf log-probs.
@@ -394,14 +388,8 @@ class PrefixShareDPOTrainer(DPOTrainer):
         elif prefixshare_max_tokens_per_row is not None:
             raise ValueError("give prefixshare_max_tokens_per_row to the PrefixShareDPOCollator you pass, not both")
 
-        self._prefixshare_backend = prefixshare_backend
         self._prefixshare_stop_on_nonfinite = prefixshare_stop_on_nonfinite
-        self._prefixshare_patched: set[int] = set()
-        # Patch now what exists now (an unsupported architecture fails here); models DPOTrainer loads itself
-        # (from a name, or the reference copy) are patched on their first prefix-shared forward.
-        for m in (model, arguments.get("ref_model")):
-            if m is not None and not isinstance(m, str):
-                patch(m, backend=prefixshare_backend)
+        self._prefixshare_patch_given(prefixshare_backend, model, arguments.get("ref_model"))
 
         # padding_free: TRL 1.16 warns that it falls back to padding; here the collator packs each batch into one row
         # instead (built above), so TRL is shown padding_free=False and the flag is put back afterwards.
@@ -415,22 +403,18 @@ class PrefixShareDPOTrainer(DPOTrainer):
         self._prefixshare_ensure_patched(self.model)
         if self.ref_model is not None:
             self._prefixshare_ensure_patched(self.ref_model)
-        if self.aux_loss_enabled:  # a MoE model that returns router logits, with a non-zero coefficient
-            self._prefixshare_router_aux_loss(None, None)
 
     # ------------------------------------------------------------------------------------------ helpers
-    def _prefixshare_ensure_patched(self, model):
-        inner = self.accelerator.unwrap_model(model)
-        if id(inner) not in self._prefixshare_patched:
-            patch(inner, backend=self._prefixshare_backend)
-            self._prefixshare_patched.add(id(inner))
-        return unwrap_model(inner)
-
-    def _prefixshare_forward(self, model, batch: Mapping, *, stats: tuple[str, ...] = (), per_token: bool = False):
+    def _prefixshare_forward(
+        self, model, batch: Mapping, *, stats: tuple[str, ...] = (), per_token: bool = False, router: bool = False
+    ):
         """One prefix-shared forward through the log-prob engine: ``[n, 2]`` log-probs with their graph and the
-        requested per-token statistics (no graph); ``per_token``: also the ``[T]`` per-token log-probs."""
+        requested per-token statistics (no graph); ``per_token``: also the ``[T]`` per-token log-probs;
+        ``router``: the forward also returns its router logits (MoE; collect them with capture_router_logits)."""
         self._prefixshare_ensure_patched(model)
         inputs = {key: batch[key] for key in _MODEL_KEYS}
+        if router:
+            inputs["output_router_logits"] = True
         return response_logps(model, inputs, per_token=per_token, stats=stats)
 
     def _prefixshare_adapter_context(self):
@@ -460,18 +444,14 @@ class PrefixShareDPOTrainer(DPOTrainer):
             return out.logps
         return length_desensitized_logps(out.token_logps, out.token_index, out.num_tokens, alpha=self.ld_alpha)
 
-    def _prefixshare_router_aux_loss(self, model, inputs) -> torch.Tensor:
-        """HOOK (issue #14): the MoE load-balancing loss of the policy's prefix-shared forward, unweighted.
-
-        TRL adds ``router_aux_loss_coef * aux_loss`` to the loss and logs ``aux_loss``; its value is the
-        load-balancing loss over the batch's real tokens. With prefix sharing the tokens are the layout's (each
-        prompt once), so it needs the router logits of the engine's forward and the layout-aware aux-loss function
-        issue #14 adds; until then a MoE model with a non-zero coefficient is refused here (at construction).
-        """
-        raise NotImplementedError(
-            "PrefixShareDPOTrainer: the Mixture-of-Experts router auxiliary loss (router_aux_loss_coef="
-            f"{self.router_aux_loss_coef}) is not implemented for prefix-shared batches yet; set "
-            "router_aux_loss_coef=0.0 to train without it, or use trl.DPOTrainer"
+    def _prefixshare_router_aux_loss(self, model, inputs, router_logits) -> torch.Tensor:
+        """The MoE load-balancing loss of the policy's forward, with TRL's count of tokens: each prompt token once
+        per response (:func:`prefixshare.moe.paired_token_weights`), so that it equals the ``aux_loss`` of
+        trl.DPOTrainer's paired forward (a prompt token is routed identically in both of TRL's rows)."""
+        layout = inputs[LAYOUT_KEY]
+        num_experts, top_k = moe_routing(model)
+        return load_balancing_loss(
+            router_logits, layout, num_experts=num_experts, top_k=top_k, token_weights=paired_token_weights(layout)
         )
 
     # ------------------------------------------------------------------------------------------ overrides
@@ -484,9 +464,11 @@ class PrefixShareDPOTrainer(DPOTrainer):
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
         stats = _METRIC_STATS + ((_WPO_STAT,) if self.use_weighting else ())
-        policy = self._prefixshare_forward(
-            model, inputs, stats=stats, per_token=self.use_weighting or self.ld_alpha is not None
-        )
+        with capture_router_logits(model) if self.aux_loss_enabled else contextlib.nullcontext() as router:
+            policy = self._prefixshare_forward(
+                model, inputs, stats=stats, per_token=self.use_weighting or self.ld_alpha is not None,
+                router=self.aux_loss_enabled,
+            )  # fmt: skip
         logps = self._prefixshare_sequence_logps(policy)
         chosen_logps, rejected_logps = logps[:, 0], logps[:, 1]
         num_tokens = policy.num_tokens.to(logps.device)
@@ -528,7 +510,7 @@ class PrefixShareDPOTrainer(DPOTrainer):
             loss = loss + term * weight
 
         if self.aux_loss_enabled:
-            aux_loss = self._prefixshare_router_aux_loss(model, inputs)
+            aux_loss = self._prefixshare_router_aux_loss(model, inputs, router.router_logits)
             loss = loss + self.router_aux_loss_coef * aux_loss
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
 

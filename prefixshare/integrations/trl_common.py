@@ -7,6 +7,14 @@ from collections.abc import Mapping
 
 import torch
 
+try:
+    import trl  # noqa: F401  (every integration needs it; one message for all of them)
+except ImportError as error:  # pragma: no cover - depends on the environment
+    raise ImportError("prefixshare.integrations.trl needs TRL: pip install 'trl>=1.16'") from error
+
+from ..patch import patch
+from ..structure import unwrap_model
+
 PAIRED_TOKENS_KEY = "prefixshare_paired_tokens"
 """Batch key: ``[B]`` long, per row, the number of tokens its pairs take in TRL's paired format (prompt counted
 twice); TRL's ``num_tokens`` metric counts these, so that the metric means the same thing with either trainer.
@@ -30,18 +38,47 @@ def check_shared_trainer_options(args, unsupported, trl_trainer: str) -> None:
             "a prefix-shared batch cannot be concatenated across processes and re-split by rows (rows hold whole "
             "pairs, packed rows several); leave dispatch_batches unset: each process then collates its own batches",
         )
-    if getattr(args, "torch_compile", False):
-        raise unsupported("torch_compile=True", "not verified with prefix-shared attention")
     if "inputs" in (getattr(args, "include_for_metrics", None) or []):
         raise unsupported(
             "include_for_metrics=['inputs']",
             f"compute_metrics would be given the prefix-shared rows, not the paired rows {trl_trainer} gives",
         )
+    check_compile_and_parallelism(args, unsupported)
+
+
+def check_compile_and_parallelism(args, unsupported) -> None:
+    """Refuse ``torch_compile`` and tensor/context/sequence parallelism (every prefix-shared TRL trainer)."""
+    if getattr(args, "torch_compile", False):
+        raise unsupported("torch_compile=True", "not verified with prefix-shared attention")
     parallelism = getattr(args, "parallelism_config", None)
     if parallelism is not None:
         sizes = {name: getattr(parallelism, name, None) or 1 for name in ("tp_size", "cp_size", "sp_size")}
         if any(size > 1 for size in sizes.values()):
-            raise unsupported(f"tensor/context/sequence parallelism ({sizes})", "data parallelism and FSDP are fine")
+            raise unsupported(
+                f"tensor/context/sequence parallelism ({sizes})",
+                "a unit must sit whole on one rank; data parallelism and FSDP are fine",
+            )
+
+
+class PrefixSharePatching:
+    """What every prefix-shared TRL trainer does with its models: patch the ones given to ``__init__`` at once (an
+    unsupported architecture fails before TRL loads anything), and every model it forwards (one TRL loaded from a
+    name, the reference copy, an accelerate wrapper's module) once, on first use."""
+
+    def _prefixshare_patch_given(self, backend: str | None, *models) -> None:
+        self._prefixshare_backend = backend
+        self._prefixshare_patched: set[int] = set()
+        for model in models:
+            if model is not None and not isinstance(model, str):
+                patch(model, backend=backend)
+
+    def _prefixshare_ensure_patched(self, model):
+        """Patch ``model`` (unwrapped from accelerate) if this trainer has not yet; return the transformers model."""
+        inner = self.accelerator.unwrap_model(model)
+        if id(inner) not in self._prefixshare_patched:
+            patch(inner, backend=self._prefixshare_backend)
+            self._prefixshare_patched.add(id(inner))
+        return unwrap_model(inner)
 
 
 def is_prompt_learning(model, peft_config) -> bool:

@@ -33,22 +33,18 @@ from typing import Any
 
 import torch
 
-try:
-    from trl import RewardConfig, RewardTrainer
-except ImportError as error:  # pragma: no cover - depends on the environment
-    raise ImportError("prefixshare.integrations.trl_reward needs TRL: pip install 'trl>=1.16'") from error
-
 from ..layout import LAYOUT_KEY
 from ..losses import bradley_terry_loss
-from ..patch import patch
 from ..rewards import POSITIONS_KEY, RewardCollator, response_rewards
 from .trl_common import (
     PAIRED_TOKENS_KEY,
+    PrefixSharePatching,
     bind_trainer_arguments,
     check_shared_trainer_options,
     is_prompt_learning,
     paired_tokens_per_row,
 )
+from trl import RewardConfig, RewardTrainer  # after .trl_common, which says how to install TRL if it is missing
 
 __all__ = ["PrefixShareRewardCollator", "PrefixShareRewardTrainer"]
 
@@ -79,7 +75,7 @@ def _check_config(args: RewardConfig) -> None:
     if getattr(args, "use_liger_kernel", False):
         raise unsupported("use_liger_kernel=True", "Liger's kernels are not verified with prefix-shared batches")
 
-class PrefixShareRewardTrainer(RewardTrainer):
+class PrefixShareRewardTrainer(PrefixSharePatching, RewardTrainer):
     """TRL's ``RewardTrainer`` with prefix sharing: same arguments, plus ``prefixshare_backend`` and
     ``prefixshare_max_tokens_per_row`` (see the module docstring).
 
@@ -118,10 +114,7 @@ class PrefixShareRewardTrainer(RewardTrainer):
                 "PrefixShareRewardTrainer does not support prompt-learning PEFT methods (prefix/prompt tuning): their "
                 "virtual tokens do not fit the prefix-shared layout; LoRA-style adapters are fine"
             )
-        self._prefixshare_backend = prefixshare_backend
-        self._prefixshare_patched: set[int] = set()
-        if model is not None and not isinstance(model, str):
-            patch(model, backend=prefixshare_backend)  # an unsupported architecture fails here
+        self._prefixshare_patch_given(prefixshare_backend, model)
 
         super().__init__(*bound.args[1:], **bound.kwargs)
 
@@ -134,12 +127,6 @@ class PrefixShareRewardTrainer(RewardTrainer):
                 max_tokens_per_row=prefixshare_max_tokens_per_row,
             )
         self._prefixshare_ensure_patched(self.model)
-
-    def _prefixshare_ensure_patched(self, model):
-        inner = self.accelerator.unwrap_model(model)
-        if id(inner) not in self._prefixshare_patched:
-            patch(inner, backend=self._prefixshare_backend)
-            self._prefixshare_patched.add(id(inner))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """RewardTrainer's loss and metrics on the rewards of the prefix-shared forward."""

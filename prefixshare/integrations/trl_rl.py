@@ -36,18 +36,13 @@ Options whose forward is not this one raise ``ValueError`` in ``__init__``: see 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
-
-import torch
-
-try:
-    from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
-except ImportError as error:  # pragma: no cover - depends on the environment
-    raise ImportError("prefixshare.integrations.trl_rl needs TRL: pip install 'trl>=1.16'") from error
+from contextlib import nullcontext
 
 from ..groups import completion_logps, group_completions
-from ..patch import patch
-from ..structure import unwrap_model
+from ..layout import LAYOUT_KEY
+from ..moe import capture_router_logits, load_balancing_loss, moe_routing
+from .trl_common import PrefixSharePatching, bind_trainer_arguments, check_compile_and_parallelism, is_prompt_learning
+from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer  # after .trl_common, which says how to install TRL if it is missing
 
 __all__ = ["PrefixShareGRPOTrainer", "PrefixShareRLOOTrainer"]
 
@@ -87,46 +82,24 @@ def _check_config(name: str, args) -> None:
         )
     if getattr(args, "use_liger_kernel", False):
         raise unsupported("use_liger_kernel=True", "Liger's layer kernels are not verified with prefix-shared attention")
-    if getattr(args, "torch_compile", False):
-        raise unsupported("torch_compile=True", "not verified with prefix-shared attention")
-    parallelism = getattr(args, "parallelism_config", None)
-    if parallelism is not None:
-        sizes = {n: getattr(parallelism, n, None) or 1 for n in ("tp_size", "cp_size", "sp_size")}
-        if any(size > 1 for size in sizes.values()):
-            raise unsupported(
-                f"tensor/context/sequence parallelism ({sizes})",
-                "a unit must sit whole on one rank; data parallelism and FSDP are fine",
-            )
+    check_compile_and_parallelism(args, unsupported)
 
 
-def _is_prompt_learning(model, peft_config) -> bool:
-    if peft_config is not None and getattr(peft_config, "is_prompt_learning", False):
-        return True
-    configs = getattr(model, "peft_config", None)
-    return isinstance(configs, Mapping) and any(getattr(c, "is_prompt_learning", False) for c in configs.values())
-
-
-class _PrefixShareRL:
+class _PrefixShareRL(PrefixSharePatching):
     """What the GRPO and RLOO drop-ins share: the checks, the patching and the overridden forward."""
 
     _base: type
     _config: type
+    _suffix: str
 
     def __init__(self, *args, prefixshare_backend: str | None = None, prefixshare_max_tokens_per_row: int | None = None,
                  **kwargs):  # fmt: skip
         from transformers import ProcessorMixin
 
         name = type(self).__name__
-        bound = inspect.signature(self._base.__init__).bind(self, *args, **kwargs)
+        bound = bind_trainer_arguments(self._base, self._config, self._suffix, self, args, kwargs)
         arguments = bound.arguments
-        model = arguments.get("model")
-        config = arguments.get("args")
-        if config is None:  # the base trainer's default config, made here so that it is checked first
-            from trl.trainer.utils import get_config_model_id
-
-            model_name = model if isinstance(model, str) else get_config_model_id(model.config)
-            suffix = "GRPO" if self._base is GRPOTrainer else "RLOO"
-            config = arguments["args"] = self._config(f"{model_name.split('/')[-1]}-{suffix}")
+        model, config = arguments.get("model"), arguments["args"]
         _check_config(name, config)
         if prefixshare_max_tokens_per_row is not None and (
             isinstance(prefixshare_max_tokens_per_row, bool)
@@ -141,42 +114,24 @@ class _PrefixShareRL:
                 f"{name} does not support vision-language models (a processor as processing_class): image tokens "
                 "and their features are not laid out per unit; pass a tokenizer"
             )
-        if _is_prompt_learning(model, arguments.get("peft_config")):
+        if is_prompt_learning(model, arguments.get("peft_config")):
             raise ValueError(
                 f"{name} does not support prompt-learning PEFT methods (prefix/prompt tuning): their virtual tokens "
                 "do not fit the prefix-shared layout; LoRA-style adapters are fine"
             )
 
-        self._prefixshare_backend = prefixshare_backend
         self._prefixshare_max_tokens_per_row = prefixshare_max_tokens_per_row
-        self._prefixshare_patched: set[int] = set()
         # tokens the row format would process and the prefix-shared forwards did, and rows with nothing to score
         self._prefixshare_token_counts = {"rows": 0, "shared": 0, "empty_rows": 0}
-        # Patch now what exists now (an unsupported architecture fails here, before any generation); models the
-        # trainer loads itself (from a name, the reference copy) are patched on their first forward here.
-        for m in (model, arguments.get("ref_model")):
-            if m is not None and not isinstance(m, str):
-                patch(m, backend=prefixshare_backend)
+        self._prefixshare_patch_given(prefixshare_backend, model, arguments.get("ref_model"))
 
         super().__init__(*bound.args[1:], **bound.kwargs)
 
         if getattr(self, "_is_vlm", False):
             raise ValueError(f"{name} does not support vision-language models")
-        if getattr(self, "aux_loss_enabled", False):
-            raise ValueError(
-                f"{name} does not support the Mixture-of-Experts load-balancing loss (router_aux_loss_coef != 0): "
-                "its router statistics would count the shared prompt once per unit instead of once per row"
-            )
         self._prefixshare_ensure_patched(self.model)
         if getattr(self, "ref_model", None) is not None:
             self._prefixshare_ensure_patched(self.ref_model)
-
-    def _prefixshare_ensure_patched(self, model):
-        inner = self.accelerator.unwrap_model(model)
-        if id(inner) not in self._prefixshare_patched:
-            patch(inner, backend=self._prefixshare_backend)
-            self._prefixshare_patched.add(id(inner))
-        return unwrap_model(inner)
 
     def _get_per_token_logps_and_entropies(
         self,
@@ -189,12 +144,14 @@ class _PrefixShareRL:
         compute_aux_loss=False,
         **multimodal,
     ):
-        """TRL's ``[prompt | completion]`` rows -> ``(logps [rows, C], entropies [rows, C] or None, None)``.
+        """TRL's ``[prompt | completion]`` rows -> ``(logps [rows, C], entropies [rows, C] or None, aux_loss or None)``.
 
         ``input_ids`` and ``attention_mask`` are ``[rows, P + C]`` with ``C = logits_to_keep``: prompts
         left-padded, completions right-padded (zero mask rows for ``mask_truncated_completions``). The rows that
         share prompt tokens are scored as one unit each; values are TRL's (``softmax(logits / temperature)``),
-        zeros where the mask is 0, as TRL returns them.
+        zeros where the mask is 0, as TRL returns them. ``aux_loss`` (``compute_aux_loss``: a MoE policy with
+        ``router_aux_loss_coef != 0``): the load-balancing loss with TRL's count of tokens (each prompt token once
+        per row that holds it, prompts of fully masked groups included), hence TRL's value.
         """
         given = sorted(k for k, v in multimodal.items() if v is not None)
         unknown = sorted(set(multimodal) - set(_MULTIMODAL))
@@ -202,8 +159,12 @@ class _PrefixShareRL:
             raise ValueError(
                 f"{type(self).__name__} does not support vision-language inputs ({', '.join(given + unknown)})"
             )
-        if compute_aux_loss:
-            raise ValueError(f"{type(self).__name__} does not support the Mixture-of-Experts load-balancing loss")
+        if compute_aux_loss and batch_size is not None and batch_size < input_ids.shape[0]:
+            # TRL averages one loss per chunk of batch_size rows, a value of which chunk each row is in
+            raise ValueError(
+                f"{type(self).__name__}: the Mixture-of-Experts load-balancing loss of a forward chunked into "
+                f"{batch_size}-row pieces is not supported (TRL 1.16 computes it in one chunk)"
+            )
         C = int(logits_to_keep)
         if not 0 < C < input_ids.shape[1]:
             raise ValueError(
@@ -219,17 +180,27 @@ class _PrefixShareRL:
             pad_token_id=pad if isinstance(pad, int) else 0,
             max_tokens_per_row=self._prefixshare_max_tokens_per_row,
             max_completions_per_forward=batch_size,
+            keep_empty_groups=compute_aux_loss,
         )
         counts = self._prefixshare_token_counts
         counts["rows"] += int(attention_mask.sum())
         counts["shared"] += groups.num_tokens
         counts["empty_rows"] += int((groups.completion_lengths == 0).sum())
         self._prefixshare_ensure_patched(model)
-        with self.accelerator.autocast():
+        stats = ("entropy",) if compute_entropy else ()
+        with self.accelerator.autocast(), (capture_router_logits(model) if compute_aux_loss else nullcontext()) as router:
             out = completion_logps(
-                model, groups, stats=("entropy",) if compute_entropy else (), temperature=self.temperature
+                model, groups, stats=stats, temperature=self.temperature,
+                model_kwargs={"output_router_logits": True} if compute_aux_loss else None,
+            )  # fmt: skip
+        aux_loss = None
+        if compute_aux_loss:
+            (batch,), (weights,) = groups.batches, groups.token_weights  # one forward (batch_size checked above)
+            num_experts, top_k = moe_routing(model)
+            aux_loss = load_balancing_loss(
+                router.router_logits, batch[LAYOUT_KEY], num_experts=num_experts, top_k=top_k, token_weights=weights
             )
-        return out.logps, (out.stats["entropy"] if compute_entropy else None), None
+        return out.logps, (out.stats["entropy"] if compute_entropy else None), aux_loss
 
 
 class PrefixShareGRPOTrainer(_PrefixShareRL, GRPOTrainer):
@@ -238,13 +209,13 @@ class PrefixShareGRPOTrainer(_PrefixShareRL, GRPOTrainer):
 
     Raises:
         ValueError: the entropy bonus (``entropy_coef``, ``use_adaptive_entropy``), ``use_liger_kernel``,
-            ``torch_compile``, vision-language models, prompt-learning PEFT, the MoE load-balancing loss,
-            tensor/context/sequence parallelism.
+            ``torch_compile``, vision-language models, prompt-learning PEFT, tensor/context/sequence parallelism.
         prefixshare.UnsupportedModelError: an architecture :func:`prefixshare.patch` does not support.
     """
 
     _base = GRPOTrainer
     _config = GRPOConfig
+    _suffix = "GRPO"
 
 
 class PrefixShareRLOOTrainer(_PrefixShareRL, RLOOTrainer):
@@ -252,10 +223,11 @@ class PrefixShareRLOOTrainer(_PrefixShareRL, RLOOTrainer):
     ``prefixshare_backend`` and ``prefixshare_max_tokens_per_row`` (see the module docstring).
 
     Raises:
-        ValueError: ``use_liger_kernel``, ``torch_compile``, vision-language models, prompt-learning PEFT, the MoE
-            load-balancing loss, tensor/context/sequence parallelism.
+        ValueError: ``use_liger_kernel``, ``torch_compile``, vision-language models, prompt-learning PEFT,
+            tensor/context/sequence parallelism.
         prefixshare.UnsupportedModelError: an architecture :func:`prefixshare.patch` does not support.
     """
 
     _base = RLOOTrainer
     _config = RLOOConfig
+    _suffix = "RLOO"
