@@ -797,8 +797,8 @@ def apo_down_loss(
         "apo_down", policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
         beta=beta, reduction=reduction, check_finite=check_finite,
     )  # fmt: skip
-    r_c, r_r = x.beta * x.chosen_ratio, x.beta * x.rejected_ratio
-    # TRL computes beta * (c - r) rather than r_c - r_r: the same number up to rounding, kept for equality
+    r_c = x.beta * x.chosen_ratio
+    # TRL computes beta * (c - r) rather than beta * c - beta * r: the same number up to rounding, kept for equality
     return _result(torch.sigmoid(r_c) + (1 - torch.sigmoid(x.beta * (x.chosen_ratio - x.rejected_ratio))), x,
                    weights=weights)  # fmt: skip
 
