@@ -1,5 +1,6 @@
-"""The compatibility matrix (compat/run_matrix.py) on CPU: every cell that runs passes at 1e-5, every other
-cell says why it did not run, and the matrix does fail when the attention rule is wrong.
+"""The compatibility matrix (prefixshare.testing.matrix, the logic behind compat/run_matrix.py) on CPU: every
+cell that runs passes at 1e-5, every other cell says why it did not run, and the matrix does fail when the
+attention rule is wrong.
 
 The whole CPU matrix runs once per session (~30-70 s on 2 cores: tiny models, 3 examples); the bfloat16
 cells need CUDA and are reported as not run, FlexAttention's gradients need CUDA and only its log-probs
@@ -9,6 +10,7 @@ are compared.
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 import sys
 import types
@@ -20,6 +22,8 @@ import torch
 import prefixshare
 from prefixshare.layout import PrefixShareLayout
 from prefixshare.testing import ARCHITECTURE_NAMES, tiny_model
+from prefixshare.testing import matrix as rm
+from prefixshare.testing.matrix import deep
 
 pytest.importorskip("peft")
 pytest.importorskip("bitsandbytes")
@@ -30,15 +34,12 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:Futu
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _load_run_matrix():
+def _load_script():
+    """compat/run_matrix.py as a module (its ``main`` runs in this process: no second import of torch)."""
     spec = importlib.util.spec_from_file_location("prefixshare_run_matrix", ROOT / "compat" / "run_matrix.py")
     module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
     spec.loader.exec_module(module)
     return module
-
-
-rm = _load_run_matrix()
 
 
 @pytest.fixture(scope="module")
@@ -108,17 +109,10 @@ def _run_one(architecture, backend="eager", adapter="full", packings=("unpacked"
     "architecture, backend, adapter",
     [("llama", "sdpa", "full"), ("gemma2", "flex_attention", "qlora")],  # the second: forward-only, 4-bit
 )
-def test_the_matrix_fails_when_responses_see_each_other(monkeypatch, architecture, backend, adapter):
-    def leaky(self, sliding_window=None):
-        unit = self.unit_ids
-
-        def predicate(b, h, q_idx, kv_idx):  # causal within the unit: rejected attends to chosen
-            return (unit[b, q_idx] == unit[b, kv_idx]) & (kv_idx <= q_idx)
-
-        return predicate
-
-    monkeypatch.setattr(PrefixShareLayout, "attention_predicate", leaky)
-    for cell in _run_one(architecture, backend, adapter):
+def test_the_matrix_fails_when_responses_see_each_other(architecture, backend, adapter):
+    with rm.leaky_layout():  # causal within the unit: rejected attends to chosen
+        cells = _run_one(architecture, backend, adapter)
+    for cell in cells:
         assert cell.state == rm.FAIL and cell.logps_error > 1e-2, cell
 
 
@@ -131,7 +125,7 @@ def test_4bit_layers_compute_in_float32_after_a_no_grad_forward(tmp_path):
     """
     import bitsandbytes.functional as bnbf
 
-    model = rm.load_4bit("gemma2", "eager", torch.float32, rm.Settings(device="cpu", workdir=str(tmp_path)))
+    model = deep.load_4bit("gemma2", "eager", torch.float32, rm.Settings(device="cpu", workdir=str(tmp_path)))
     layer = model.model.layers[1].mlp.down_proj
     weight = bnbf.dequantize_4bit(layer.weight.data, layer.weight.quant_state).double()
     x = torch.randn(5, layer.in_features, generator=torch.Generator().manual_seed(0))
@@ -148,7 +142,7 @@ def test_4bit_layers_compute_in_float32_after_a_no_grad_forward(tmp_path):
 )
 def test_a_qlora_cell_fails_when_bitsandbytes_computes_in_bfloat16(monkeypatch):
     """Without keep_bnb_default_path the forward-only cell runs in bfloat16: the cell must fail and say so."""
-    monkeypatch.setattr(rm, "keep_bnb_default_path", lambda model: model)
+    monkeypatch.setattr(deep, "keep_bnb_default_path", lambda model: model)
     for cell in _run_one("gemma2", "flex_attention", "qlora", packings=("packed",)):
         assert cell.state == rm.FAIL and "bfloat16 CPU kernel" in cell.reason, cell
 
@@ -174,7 +168,7 @@ def test_qlora_reference_can_be_rebuilt_when_deepcopy_fails(monkeypatch):
     def no_deepcopy(model):
         raise RuntimeError("no deepcopy for this model")
 
-    monkeypatch.setattr(rm, "copy", types.SimpleNamespace(deepcopy=no_deepcopy))  # only the script's deepcopy
+    monkeypatch.setattr(deep, "copy", types.SimpleNamespace(deepcopy=no_deepcopy))  # only the deep matrix's deepcopy
     for cell in _run_one("qwen3", "sdpa", "qlora", packings=("packed",)):
         assert cell.state == rm.PASS and cell.grad_error <= 1e-5, cell
 
@@ -182,7 +176,7 @@ def test_qlora_reference_can_be_rebuilt_when_deepcopy_fails(monkeypatch):
 # ---------------------------------------------------------------------------------------------- the script
 def test_the_script_writes_markdown_and_json(tmp_path):
     out, cells_json = tmp_path / "MATRIX.md", tmp_path / "cells.json"
-    status = rm.main(
+    status = _load_script().main(
         ["--arch", "gemma2", "--adapter", "full", "--packing", "packed", "--device", "cpu",
          "--out", str(out), "--json", str(cells_json)]
     )
@@ -205,6 +199,34 @@ def test_the_script_writes_markdown_and_json(tmp_path):
         ("varlen", "float32"): rm.PASS_REFERENCE_KERNEL,
         ("varlen", "bfloat16"): rm.NOT_RUN,
     }
+
+
+class _Terminal(io.StringIO):
+    """A stderr that says it is a terminal, so tqdm draws its bar into it."""
+
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_the_matrix_shows_a_progress_bar_on_a_terminal_only(monkeypatch, terminal):
+    """One tick per cell (deep matrix) and per model type (breadth), on stderr, the log lines above the bar; no bar
+    where stderr is not a terminal. (New with the progress bars: run_matrix had no ``progress`` on main.)"""
+    pytest.importorskip("tqdm")
+    stderr = _Terminal() if terminal else io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stderr)
+    lines = []
+    settings = rm.Settings(device="cpu")
+    cells = rm.run_matrix(["llama"], ["eager"], ["full"], ["unpacked", "packed"], ["float32"], settings,
+                          log=lines.append, progress=True)  # fmt: skip
+    results = rm.run_enumeration(["bart"], rm.Settings(device="cpu"), log=lines.append, progress=True)
+    assert [c.state for c in cells] == [rm.PASS, rm.PASS] and results[0].status == rm.REFUSED
+    assert len(lines) == 2 and "llama" in lines[0] and "bart" in lines[1]  # the log, bar or not
+    drawn = stderr.getvalue()
+    if terminal:
+        assert "matrix: 100%" in drawn and "2/2" in drawn and "breadth: 100%" in drawn and "1/1" in drawn
+    else:
+        assert drawn == ""
 
 
 # ---------------------------------------------------------------------------------------------- every architecture
@@ -284,10 +306,10 @@ def test_default_initialization_can_hide_a_leak():
     errors = {}
     for std in (0.02, 0.1):
         base = tiny_model_of("llama", initializer_range=std)
-        examples = rm._enum_examples(base, rm.Settings(device="cpu"), 2)
+        examples = rm.breadth_examples(base, rm.Settings(device="cpu"), 2)
         patched = prefixshare.patch(copy.deepcopy(base), verify=False)
         with torch.no_grad(), rm.leaky_layout():
-            got = prefixshare.response_logps(patched, rm._enum_collator("packed", examples)(examples)).logps
+            got = prefixshare.response_logps(patched, rm.make_collator("packed", examples)(examples)).logps
             want = prefixshare.testing.logps_alone(base, examples)
         errors[std] = prefixshare.testing.relative_error(got, want)
     assert errors[0.1] > 5 * errors[0.02], errors

@@ -7,6 +7,8 @@ verify a model of their own use. Not needed for training.
   from its config class alone (the compatibility matrix's breadth section); :func:`causal_lm_model_types`.
 * :func:`compare_with_alone`: log-probs and gradients of a prefix-shared batch through a patched model
   against each prompt+response run alone through the unpatched model.
+* :mod:`prefixshare.testing.matrix` (imported on its own: ``from prefixshare.testing import matrix``): the
+  compatibility matrix behind compat/run_matrix.py and compat/MATRIX.md.
 """
 
 from .exactness import (

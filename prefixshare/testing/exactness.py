@@ -1,7 +1,7 @@
 """Exactness checks: a prefix-shared forward against each prompt+response run alone through the unpatched model.
 
-Used by the test suite and by compat/run_matrix.py, and available to users who want to check a model of
-their own before training on it::
+Used by the test suite and by the compatibility matrix (:mod:`prefixshare.testing.matrix`), and available to
+users who want to check a model of their own before training on it::
 
     report = prefixshare.testing.compare_with_alone(reference, patched, examples, PrefixShareCollator(0))
     assert report.logps_error < 1e-5 and report.grad_error < 1e-5
@@ -125,12 +125,14 @@ def align_gradients(grads: dict, reference: dict) -> tuple[dict, dict, list[str]
     return grads, reference, one_sided
 
 
-def _loss_weights(shape, seed: int = 1234) -> torch.Tensor:
-    # fixed random weights, so that gradients of chosen and rejected terms cannot cancel out by symmetry
+def loss_weights(shape, seed: int = 1234) -> torch.Tensor:
+    """``shape`` float32 weights ``w`` of the loss ``sum(w * logps)`` whose gradients the checks compare: fixed
+    random ones, so that gradients of chosen and rejected terms cannot cancel out by symmetry."""
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
 
 
-def _trainable_grads(model) -> dict[str, torch.Tensor]:
+def trainable_grads(model) -> dict[str, torch.Tensor]:
+    """``{name: a copy of its gradient}`` for every trainable parameter of ``model`` that has one."""
     return {
         name: p.grad.detach().clone()
         for name, p in model.named_parameters()
@@ -166,10 +168,10 @@ def compare_with_alone(
     grad_error, worst = None, None
     num_parameters = 0
     if gradients:
-        weights = _loss_weights(want.shape).to(want.device)
+        weights = loss_weights(want.shape).to(want.device)
         (want * weights).sum().backward()
         (got * weights).sum().backward()
-        grads, ref_grads, one_sided = align_gradients(_trainable_grads(patched_model), _trainable_grads(reference_model))
+        grads, ref_grads, one_sided = align_gradients(trainable_grads(patched_model), trainable_grads(reference_model))
         if one_sided:
             raise AssertionError(f"different parameters received gradients: {one_sided}")
         num_parameters = len(ref_grads)
