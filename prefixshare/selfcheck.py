@@ -20,7 +20,6 @@ import torch
 from .architectures import UnsupportedModelError
 from .collators import PrefixShareCollator
 from .structure import eval_mode, text_attention_modules, unwrap_model
-from .testing.exactness import gradient_error
 
 # normwise relative error allowed between the prefix-shared and the alone run, by the model's dtype: the two
 # runs sum in different orders (different shapes), nothing more; a leak between responses is far larger
@@ -38,6 +37,29 @@ _SHAPES = ((5, (3, 6)), (1, (4, 2)), (9, (1, 5)))
 
 class SelfCheckError(UnsupportedModelError):
     """The patched model's numbers differ from the plain model's on the self-check's probe."""
+
+
+def gradient_error(grads: dict, reference: dict, *, floor: float = 0.0) -> tuple[float, str | None]:
+    """The worst parameter's gradient error: ``max |g - w| / max(max |w|, floor * G)`` over parameters, with ``G``
+    the largest ``|w|`` of any parameter; returns ``(error, parameter name)``. A parameter missing from
+    ``grads`` counts as an infinite error.
+
+    ``floor=0`` is the plain per-parameter normwise relative error. A positive floor measures parameters whose
+    gradient is tiny next to the model's on the model's scale: a key projection's bias has a gradient of exactly
+    zero in exact arithmetic (softmax ignores a shift common to every key), so its computed gradient is float32
+    rounding noise on both sides, and noise divided by noise is of order one.
+    """
+    scale = max((float(w.detach().abs().max()) for w in reference.values() if w.numel()), default=0.0)
+    worst, name = 0.0, None
+    for key, ref in reference.items():
+        if key not in grads:
+            return float("inf"), key
+        denominator = max(float(ref.detach().abs().max()) if ref.numel() else 0.0, floor * scale,
+                          torch.finfo(torch.float32).tiny)  # fmt: skip
+        error = float((grads[key].detach().float() - ref.detach().float()).abs().max()) / denominator
+        if not error < worst:  # (NaN wins)
+            worst, name = error, key
+    return worst, name
 
 
 def _probe_examples(model, seed: int) -> list[dict]:

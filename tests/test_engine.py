@@ -18,7 +18,6 @@ logits (test_lm_head_never_sees_more_than_a_chunk).
 
 from __future__ import annotations
 
-import copy
 import warnings
 
 import pytest

@@ -17,6 +17,7 @@ import torch
 from ..collators import normalize_example
 from ..engine import response_logps
 from ..logps import token_logps
+from ..selfcheck import gradient_error  # re-exported: the self-check and the tests measure gradients alike
 
 
 def random_examples(
@@ -83,29 +84,6 @@ class Comparison:
 def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
     scale = reference.detach().float().abs().max().clamp_min(torch.finfo(torch.float32).tiny)
     return float((value.detach().float() - reference.detach().float()).abs().max() / scale)
-
-
-def gradient_error(grads: dict, reference: dict, *, floor: float = 0.0) -> tuple[float, str | None]:
-    """The worst parameter's gradient error: ``max |g - w| / max(max |w|, floor * G)`` over parameters, with ``G``
-    the largest ``|w|`` of any parameter; returns ``(error, parameter name)``. A parameter missing from
-    ``grads`` counts as an infinite error.
-
-    ``floor=0`` is the plain per-parameter normwise relative error. A positive floor measures parameters whose
-    gradient is tiny next to the model's on the model's scale: a key projection's bias has a gradient of exactly
-    zero in exact arithmetic (softmax ignores a shift common to every key), so its computed gradient is float32
-    rounding noise on both sides, and noise divided by noise is of order one.
-    """
-    scale = max((float(w.detach().abs().max()) for w in reference.values() if w.numel()), default=0.0)
-    worst, name = 0.0, None
-    for key, ref in reference.items():
-        if key not in grads:
-            return float("inf"), key
-        denominator = max(float(ref.detach().abs().max()) if ref.numel() else 0.0, floor * scale,
-                          torch.finfo(torch.float32).tiny)  # fmt: skip
-        error = float((grads[key].detach().float() - ref.detach().float()).abs().max()) / denominator
-        if not error < worst:  # (NaN wins)
-            worst, name = error, key
-    return worst, name
 
 
 def align_gradients(grads: dict, reference: dict) -> tuple[dict, dict, list[str]]:
