@@ -11,6 +11,12 @@ from dataclasses import dataclass
 
 from ..collators import PairedCollator, PrefixShareCollator
 
+
+def _attention_pairs(n: int) -> float:
+    """Query-key pairs of causal attention over ``n`` tokens."""
+    return n * (n + 1) / 2
+
+
 @dataclass
 class DatasetStats:
     examples: int
@@ -40,10 +46,7 @@ def dataset_stats(examples: list[dict], max_tokens_per_row: int | None = None) -
     p = [len(e["prompt_input_ids"]) for e in examples]
     c = [len(e["chosen_input_ids"]) for e in examples]
     r = [len(e["rejected_input_ids"]) for e in examples]
-
-    def pairs(n):  # query-key pairs of causal attention over n tokens
-        return n * (n + 1) / 2
-
+    pairs = _attention_pairs  # short: the formulas below read as written on paper
     stats = DatasetStats(
         examples=len(examples),
         median_prompt=statistics.median(p),
@@ -116,10 +119,7 @@ def group_stats(prompt_ids: list[list[int]], group_size: int, completion_length:
         raise ValueError("no prompts")
     G, C = group_size, completion_length
     p = [len(ids) for ids in prompt_ids]
-
-    def pairs(n):  # query-key pairs of causal attention over n tokens
-        return n * (n + 1) / 2
-
+    pairs = _attention_pairs  # short: the formulas below read as written on paper
     return GroupStats(
         prompts=len(p),
         median_prompt=statistics.median(p),
