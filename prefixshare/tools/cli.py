@@ -157,7 +157,7 @@ def _stats(args) -> int:
             raise ValueError("--group G and --completion-length C go together (the group ideal needs both)")
         if args.group < 1 or args.completion_length < 1:
             raise ValueError(f"--group and --completion-length must be positive, got {args.group}, {args.completion_length}")
-        prompts = prompt_ids_of_file(args.data, tokenizer, limit=args.limit)
+        prompts = prompt_ids_of_file(args.data, tokenizer, limit=args.limit, progress=True)
         print(format_group_stats(args.data, group_stats(prompts, args.group, args.completion_length)))
         return 0
     examples = tokenize_preferences(tokenizer, load_preferences(args.data, limit=args.limit), progress=True)

@@ -77,16 +77,17 @@ def format_stats(name: str, s: DatasetStats) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- online RL groups
-def prompt_ids_of_file(path: str, tokenizer, limit: int | None = None) -> list[list[int]]:
+def prompt_ids_of_file(path: str, tokenizer, limit: int | None = None, progress: bool = False) -> list[list[int]]:
     """Tokenized prompts of a prompt dataset (:func:`load_prompts`) or of a preference dataset (its examples'
-    prompts as :func:`prefixshare.data.tokenize_preferences` splits them, implicit prompts included: HH-RLHF, ShareGPT pairs)."""
+    prompts as :func:`prefixshare.data.tokenize_preferences` splits them, implicit prompts included: HH-RLHF, ShareGPT pairs).
+    ``progress=True``: a progress bar while tokenizing (as ``prefixshare stats`` shows for preference data)."""
     from ..data import load_preferences, load_prompts, tokenize_preferences, tokenize_prompts
 
     try:
         rows = load_preferences(path, limit=limit)
     except ValueError:  # not preference pairs: a prompt dataset
-        return tokenize_prompts(load_prompts(path, limit=limit), tokenizer)
-    return [e["prompt_input_ids"] for e in tokenize_preferences(tokenizer, rows)]
+        return tokenize_prompts(load_prompts(path, limit=limit), tokenizer, progress=progress)
+    return [e["prompt_input_ids"] for e in tokenize_preferences(tokenizer, rows, progress=progress)]
 
 
 @dataclass
