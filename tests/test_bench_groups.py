@@ -5,7 +5,9 @@ These fail on the main this branch started from: neither the group bench nor the
 
 from __future__ import annotations
 
+import io
 import json
+import sys
 
 import pytest
 import torch
@@ -80,6 +82,28 @@ def test_stats_group_on_prompt_and_preference_files(tmp_path, capsys):
     pairs.write_text(json.dumps({"prompt": "abc", "chosen": "d", "rejected": "e"}) + "\n")
     cli.main(["stats", str(pairs), "--tokenizer", str(tokenizer_dir), "--group", "2", "--completion-length", "3"])
     assert "1 prompts, median 4 tokens" in capsys.readouterr().out  # the pair's prompt: BOS + "abc"
+
+
+class _Terminal(io.StringIO):
+    """stderr as a terminal: the tokenizing bars show only where stderr is one (tqdm's ``disable=None``)."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("group", [False, True], ids=["stats", "stats --group"])
+def test_stats_shows_a_tokenizing_progress_bar_on_a_terminal(group, tmp_path, monkeypatch):
+    """Issue #13: a progress bar on every long command. ``stats --group`` had none on the main this started
+    from (its tokenize call took no ``progress``): that case fails there; plain ``stats`` is the control."""
+    from prefixshare.data import toy_tokenizer
+
+    toy_tokenizer().save_pretrained(tmp_path / "tok")
+    (tmp_path / "pairs.jsonl").write_text(json.dumps({"prompt": "abc", "chosen": "d", "rejected": "e"}) + "\n")
+    err = _Terminal()
+    monkeypatch.setattr(sys, "stderr", err)
+    argv = ["stats", str(tmp_path / "pairs.jsonl"), "--tokenizer", str(tmp_path / "tok")]
+    cli.main(argv + (["--group", "2", "--completion-length", "3"] if group else []))
+    assert "tokenizing: 100%" in err.getvalue()
 
 
 @pytest.mark.parametrize(

@@ -27,7 +27,7 @@ from prefixshare import (
 from prefixshare._compat import enable_gradient_checkpointing, get_attn_implementation
 from prefixshare.logps import gather_response_logps
 from prefixshare.testing import compare_with_alone, logps_alone, random_examples, relative_error
-from prefixshare.testing import ARCHITECTURE_NAMES, tiny_model
+from prefixshare.testing import ARCHITECTURE_NAMES, tiny_model, tiny_model_of
 
 TOLERANCE = 1e-5
 VOCAB = 96  # prefixshare.testing.tiny_model vocabulary
@@ -335,25 +335,8 @@ def test_gemma3_multimodal_patches_its_text_decoder_only():
 
 
 def _phi():
-    import transformers
-
-    config = transformers.PhiConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attention_dropout=0.0,
-        pad_token_id=PAD,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    torch.manual_seed(0)
-    return transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    """Phi: partial rotary (half of each head's features rotated), a model type outside ARCHITECTURE_NAMES."""
+    return tiny_model_of("phi")
 
 
 def test_an_architecture_outside_the_old_list_patches_with_no_flag_and_is_exact():

@@ -214,12 +214,13 @@ def load_prompts(path: str | Path, limit: int | None = None) -> list:
     return prompts
 
 
-def tokenize_prompts(prompts: list, tokenizer) -> list[list[int]]:
+def tokenize_prompts(prompts: list, tokenizer, *, progress: bool = False) -> list[list[int]]:
     """Token ids of each prompt as a GRPO/RLOO trainer builds them: a string with the tokenizer's special tokens,
-    messages with the chat template and the generation prompt (plain text without a template)."""
+    messages with the chat template and the generation prompt (plain text without a template).
+    ``progress=True`` shows a progress bar (tqdm, if installed)."""
     has_template = getattr(tokenizer, "chat_template", None) is not None
     out = []
-    for i, prompt in enumerate(prompts):
+    for i, prompt in enumerate(_progress(prompts, progress, "tokenizing")):
         if isinstance(prompt, str):
             out.append(list(tokenizer(prompt)["input_ids"]))
         elif isinstance(prompt, list) and has_template:

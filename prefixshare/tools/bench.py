@@ -24,13 +24,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import time
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 
 import torch
 
-from .machine import describe_machine
+from ._timing import RunInfo, progress_bar, run_fields, step_sizes, time_steps, warm_up
 from ..backends.varlen import has_cuda_varlen_kernel
 from ..collators import PairedCollator, PrefixShareCollator
 from ..layout import PAD_SEGMENT
@@ -63,18 +61,23 @@ MODEL_SHAPES = {
 }
 
 
+def lognormal_length(median: float, generator: torch.Generator) -> int:
+    """A length drawn log-normally (sigma 0.4) around ``median``, at least one token."""
+    return max(1, int(round(median * math.exp(0.4 * float(torch.randn((), generator=generator))))))
+
+
+def random_ids(n: int, vocab_size: int, generator: torch.Generator) -> list[int]:
+    """``n`` random token ids in ``[3, vocab_size)`` (above the pad, BOS and EOS ids of the benches' models)."""
+    return torch.randint(3, vocab_size, (n,), generator=generator).tolist()
+
+
 def synthetic_lengths(profile: str, n: int, seed: int = 0, scale: float = 1.0) -> list[tuple[int, int, int]]:
     """``n`` (prompt, chosen, rejected) lengths whose medians match ``profile`` (times ``scale``)."""
     overall, ratio = PAPER_PROFILES[profile]
     p_med = overall * scale * ratio / (1 + ratio)
     c_med = overall * scale / (1 + ratio)
     g = torch.Generator().manual_seed(seed)
-
-    def draw(median):
-        # log-normal spread (sigma 0.4) around the median, at least one token
-        return max(1, int(round(median * math.exp(0.4 * float(torch.randn((), generator=g))))))
-
-    return [(draw(p_med), draw(c_med), draw(c_med)) for _ in range(n)]
+    return [(lognormal_length(p_med, g), lognormal_length(c_med, g), lognormal_length(c_med, g)) for _ in range(n)]
 
 
 def examples_from_file(path: str, tokenizer, n: int, vocab_size: int) -> list[dict]:
@@ -97,11 +100,11 @@ def examples_from_file(path: str, tokenizer, n: int, vocab_size: int) -> list[di
 
 def examples_from_lengths(lengths, vocab_size: int, seed: int = 0) -> list[dict]:
     g = torch.Generator().manual_seed(seed)
-
-    def ids(n):
-        return torch.randint(3, vocab_size, (n,), generator=g).tolist()
-
-    return [dict(prompt_input_ids=ids(p), chosen_input_ids=ids(c), rejected_input_ids=ids(r)) for p, c, r in lengths]
+    return [
+        dict(prompt_input_ids=random_ids(p, vocab_size, g), chosen_input_ids=random_ids(c, vocab_size, g),
+             rejected_input_ids=random_ids(r, vocab_size, g))
+        for p, c, r in lengths
+    ]  # fmt: skip
 
 
 @dataclass
@@ -119,14 +122,7 @@ class Measurement:
 
 
 @dataclass
-class BenchResult:
-    machine: str
-    device: str
-    torch: str
-    transformers: str
-    model_shape: str
-    dtype: str
-    lora: bool
+class BenchResult(RunInfo):
     gradient_checkpointing: bool
     examples_per_step: int
     steps: int
@@ -198,11 +194,6 @@ def native_logps(model, batch) -> torch.Tensor:
     return gather_response_logps(logits, batch).logps
 
 
-def _sync(device):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def native_rewards(model, batch) -> torch.Tensor:
     """The paired baseline of a reward model: padding mask, the model's kernel and its own pooling."""
     attention_mask = (batch.layout.segment_ids != PAD_SEGMENT).long()
@@ -233,27 +224,9 @@ def time_format(
             values = native_logps(model, batch) if native else response_logps(model, batch).logps
         values.sum().backward()
 
-    for batch in prepared if device.startswith("cuda") else prepared[:1]:
-        step(batch)
-    model.zero_grad(set_to_none=True)
-    _sync(device)
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    for batch in timed:
-        step(batch)
-    _sync(device)
-    elapsed = (time.perf_counter() - start) / len(timed)
-    model.zero_grad(set_to_none=True)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else None
-    # per timed step, on average (rows and row length: the first timed batch)
-    shape = {
-        "tokens_real": sum(b.layout.num_tokens for b in timed) // len(timed),
-        "tokens_padded": sum(b["input_ids"].numel() for b in timed) // len(timed),
-        "rows": timed[0].layout.shape[0],
-        "row_length": timed[0].layout.shape[1],
-    }
-    return elapsed, peak, shape
+    warm_up(model, step, prepared, device)
+    elapsed, peak = time_steps(model, step, timed, device)
+    return elapsed, peak, step_sizes([[batch] for batch in timed])  # one batch a step
 
 
 def available_backends(device: str) -> list[str]:
@@ -285,19 +258,9 @@ def run_bench(
 ) -> BenchResult:
     """Measure every (profile, backend, format); ``profiles`` maps a name to its examples. ``reward_model``: a
     sequence-classification model trained on its rewards instead of a causal LM on its log-probs."""
-    import transformers
-
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # the bench extra brings tqdm; run without a bar otherwise
-        def tqdm(iterable, **_):
-            return iterable
-
     result = BenchResult(
-        machine=describe_machine(device), device=device, torch=torch.__version__, transformers=transformers.__version__,
-        model_shape=shape, dtype=str(dtype).replace("torch.", ""), lora=lora,
-        gradient_checkpointing=gradient_checkpointing, examples_per_step=examples_per_step,
-        steps=steps, date=datetime.now(timezone.utc).strftime("%Y-%m-%d"), reward_model=reward_model,
+        **run_fields(device, shape, dtype, lora), gradient_checkpointing=gradient_checkpointing,
+        examples_per_step=examples_per_step, steps=steps, reward_model=reward_model,
     )
     # per profile, once: the step batches, the packing budget, and the ideal speedup of exactly those examples
     plans = {}
@@ -313,7 +276,7 @@ def run_bench(
 
     cells = [(p, b, f) for b in backends for p in profiles for f in FORMATS]
     models = {}
-    bar = tqdm(cells, desc="bench", disable=not progress)
+    bar = progress_bar(cells, "bench", progress)
     for profile, backend, fmt in bar:
         bar.set_postfix_str(f"{profile} {backend} {fmt}")
         batches, collators = plans[profile]
@@ -338,8 +301,7 @@ def run_bench(
 def format_table(result: BenchResult) -> str:
     ratios = result.ratios()
     lines = [
-        f"prefixshare bench: {result.machine}, {result.device}, torch {result.torch}, transformers "
-        f"{result.transformers}, model {result.model_shape}{' reward model' if result.reward_model else ''}"
+        f"prefixshare bench: {result.heading()}{' reward model' if result.reward_model else ''}"
         f"{' + LoRA' if result.lora else ''}"
         f"{', gradient checkpointing' if result.gradient_checkpointing else ''}, {result.dtype}, "
         f"{result.examples_per_step} examples/step, {result.date}",

@@ -22,14 +22,12 @@ multi-turn chat (p 1000, c 200).
 from __future__ import annotations
 
 import json
-import math
-import time
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 
 import torch
 
-from .machine import describe_machine
+from ._timing import RunInfo, progress_bar, run_fields, step_sizes, time_steps, warm_up
+from .bench import MODEL_SHAPES, build_model, lognormal_length, random_ids
 from ..collators import PrefixShareBatch
 from ..groups import CompletionGroups, completion_logps, group_completions
 from ..layout import LAYOUT_KEY, Placement, PrefixShareLayout, UnitSpec
@@ -50,22 +48,14 @@ def group_lengths(profile: str, prompts: int, G: int, *, seed: int = 0, scale: f
     """``prompts`` groups ``(prompt length, [G completion lengths])`` around the profile's medians (times ``scale``)."""
     p_med, c_med = (x * scale for x in GROUP_PROFILES[profile])
     g = torch.Generator().manual_seed(seed)
-
-    def draw(median):
-        return max(1, int(round(median * math.exp(0.4 * float(torch.randn((), generator=g))))))
-
-    return [(draw(p_med), [draw(c_med) for _ in range(G)]) for _ in range(prompts)]
+    return [(lognormal_length(p_med, g), [lognormal_length(c_med, g) for _ in range(G)]) for _ in range(prompts)]
 
 
 def group_ids(lengths, vocab_size: int, seed: int = 0):
     """Random token ids for ``(prompt, [completions])`` lengths: ``(prompts [n], completions [n * G])`` lists."""
     g = torch.Generator().manual_seed(seed)
-
-    def ids(n):
-        return torch.randint(3, vocab_size, (n,), generator=g).tolist()
-
-    prompts = [ids(p) for p, _ in lengths]
-    completions = [ids(c) for _, cs in lengths for c in cs]
+    prompts = [random_ids(p, vocab_size, g) for p, _ in lengths]
+    completions = [random_ids(c, vocab_size, g) for _, cs in lengths for c in cs]
     return prompts, completions
 
 
@@ -106,14 +96,7 @@ class GroupMeasurement:
 
 
 @dataclass
-class GroupBenchResult:
-    machine: str
-    device: str
-    torch: str
-    transformers: str
-    model_shape: str
-    dtype: str
-    lora: bool
+class GroupBenchResult(RunInfo):
     prompts_per_step: int
     steps: int
     rounds: int
@@ -133,11 +116,6 @@ class GroupBenchResult:
         return {key: {f: v / row["rows"] for f, v in row.items()} if "rows" in row else {} for key, row in table.items()}
 
 
-def _sync(device):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def time_formats(model, formats: dict[str, list[CompletionGroups]], device: str, mode: str, rounds: int = 3):
     """Per format: ``(seconds per step, peak MB or None, sizes)``, or the out-of-memory error's first line.
 
@@ -149,7 +127,6 @@ def time_formats(model, formats: dict[str, list[CompletionGroups]], device: str,
     """
     prepared = {fmt: [g.to(device) for g in groups] for fmt, groups in formats.items()}
     timed = {fmt: gs[1:] or gs for fmt, gs in prepared.items()}
-    cuda = device.startswith("cuda")
 
     def step(groups):
         if mode == "train":
@@ -167,21 +144,12 @@ def time_formats(model, formats: dict[str, list[CompletionGroups]], device: str,
                 continue
             try:
                 if round_number == 0:
-                    for groups in prepared[fmt] if cuda else prepared[fmt][:1]:
-                        step(groups)
-                    model.zero_grad(set_to_none=True)
+                    warm_up(model, step, prepared[fmt], device)
                     continue
-                _sync(device)
-                if cuda and round_number == 1:
-                    torch.cuda.reset_peak_memory_stats()
-                start = time.perf_counter()
-                for groups in timed[fmt]:
-                    step(groups)
-                _sync(device)
-                times[fmt].append((time.perf_counter() - start) / len(timed[fmt]))
+                seconds, peak = time_steps(model, step, timed[fmt], device, measure_peak=round_number == 1)
+                times[fmt].append(seconds)
                 if round_number == 1:
-                    peaks[fmt] = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
-                model.zero_grad(set_to_none=True)
+                    peaks[fmt] = peak
             except torch.cuda.OutOfMemoryError as error:  # one format too large for the device: report it, go on
                 model.zero_grad(set_to_none=True)
                 torch.cuda.empty_cache()
@@ -191,14 +159,7 @@ def time_formats(model, formats: dict[str, list[CompletionGroups]], device: str,
         if fmt in failed:
             out[fmt] = failed[fmt]
             continue
-        layouts = [b[LAYOUT_KEY] for g in groups for b in g.batches]
-        sizes = {
-            "tokens_real": sum(layout.num_tokens for layout in layouts) // len(groups),
-            "tokens_padded": sum(b["input_ids"].numel() for g in groups for b in g.batches) // len(groups),
-            "rows": layouts[0].shape[0],
-            "row_length": layouts[0].shape[1],
-        }
-        out[fmt] = (min(times[fmt]), peaks[fmt], sizes)
+        out[fmt] = (min(times[fmt]), peaks[fmt], step_sizes([g.batches for g in groups]))  # a step: one CompletionGroups
     return out
 
 
@@ -223,22 +184,9 @@ def run_group_bench(
     ``prompts_per_step`` groups, the fastest of ``rounds`` (see :func:`time_formats`)."""
     import statistics
 
-    import transformers
-
-    from .bench import MODEL_SHAPES, build_model
-
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # the bench extra brings tqdm
-
-        def tqdm(iterable, **_):
-            return iterable
-
     result = GroupBenchResult(
-        machine=describe_machine(device), device=device, torch=torch.__version__, transformers=transformers.__version__,
-        model_shape=shape, dtype=str(dtype).replace("torch.", ""), lora=lora, prompts_per_step=prompts_per_step,
-        steps=steps, rounds=rounds, length_scale=length_scale, threads=torch.get_num_threads(),
-        date=datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+        **run_fields(device, shape, dtype, lora), prompts_per_step=prompts_per_step, steps=steps, rounds=rounds,
+        length_scale=length_scale, threads=torch.get_num_threads(),
     )  # fmt: skip
     vocab = MODEL_SHAPES[shape]["vocab_size"]
     plans = {}
@@ -274,7 +222,7 @@ def run_group_bench(
 
     cells = [(b, m, p, G) for b in backends for (p, G) in plans for m in modes]
     models = {}
-    bar = tqdm(cells, desc="bench --groups", disable=not progress)
+    bar = progress_bar(cells, "bench --groups", progress)
     for backend, mode, profile, G in bar:
         bar.set_postfix_str(f"{profile} G={G} {backend} {mode}")
         if backend not in models:
@@ -297,8 +245,7 @@ def run_group_bench(
 def format_group_table(result: GroupBenchResult) -> str:
     ratios = result.ratios()
     lines = [
-        f"prefixshare bench --groups: {result.machine}, {result.device}, torch {result.torch}, transformers "
-        f"{result.transformers}, model {result.model_shape}{' + LoRA' if result.lora else ''}, {result.dtype}, "
+        f"prefixshare bench --groups: {result.heading()}{' + LoRA' if result.lora else ''}, {result.dtype}, "
         f"{result.prompts_per_step} prompts/step, lengths x{result.length_scale:g}, {result.threads} thread(s), "
         f"fastest of {result.rounds} rounds, {result.date}",
         "",

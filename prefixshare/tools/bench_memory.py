@@ -82,20 +82,14 @@ def _examples(tokens: int, vocab: int, seed: int = 0) -> list[dict]:
             for _ in range(pairs)]  # fmt: skip
 
 
-def _rss_bytes() -> int:
+def _status_bytes(key: str) -> int:
+    """A memory figure of this process from /proc/self/status, in bytes: ``VmRSS`` (the resident set size now),
+    ``VmHWM`` (its peak, the "high-water mark")."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
-
-
-def _peak_rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024  # the file counts kB
+    raise RuntimeError(f"no {key} in /proc/self/status")
 
 
 def _reset_peak_rss() -> bool:
@@ -176,13 +170,13 @@ def run_cell(fmt: str, vocab: int, tokens: int, *, hidden_size: int = HIDDEN, de
         base = torch.cuda.memory_allocated()
     else:
         _reset_peak_rss()
-        base = _rss_bytes()
+        base = _status_bytes("VmRSS")
     start = time.perf_counter()
     _stage(fmt, head, hidden, batch, chunk)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    peak = (torch.cuda.max_memory_allocated() if device.startswith("cuda") else _peak_rss_bytes()) - base
+    peak = (torch.cuda.max_memory_allocated() if device.startswith("cuda") else _status_bytes("VmHWM")) - base
     for _ in range(repeats - 1):  # timing only
         hidden.grad = None
         head.zero_grad(set_to_none=True)

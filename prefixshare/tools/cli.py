@@ -7,6 +7,30 @@ import os
 import sys
 
 
+def _report(args, table: str, save, result, default_name: str, suffixes=(".json",)) -> int:
+    """Print the table; with ``--out-dir``, ``save(result, *paths)`` writes the result to ``NAME + suffix`` for each
+    of ``suffixes`` (``NAME``: ``--name`` or ``default_name``), the table goes to ``NAME.md`` under the command
+    that produced it, and every path written is printed."""
+    print(table)
+    if args.out_dir:
+        os.makedirs(args.out_dir, exist_ok=True)
+        stem = os.path.join(args.out_dir, args.name or default_name)
+        save(result, *(stem + suffix for suffix in suffixes))
+        with open(stem + ".md", "w") as f:
+            f.write(f"Produced by `prefixshare {' '.join(args.argv)}`.\n\n{table}\n")
+        print("wrote " + ", ".join(stem + suffix for suffix in (*suffixes, ".md")))
+    return 0
+
+
+def _model_options(args, device: str):
+    """``(dtype, shape)`` of the throughput benches: ``--dtype`` and ``--shape``, or bfloat16 and 1b on a GPU,
+    float32 and tiny elsewhere."""
+    import torch
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype or ("bfloat16" if device == "cuda" else "float32")]
+    return dtype, args.shape or ("1b" if device == "cuda" else "tiny")
+
+
 def _bench(args) -> int:
     import torch
 
@@ -17,8 +41,7 @@ def _bench(args) -> int:
         return _bench_memory(args, device)
     if args.groups:
         return _bench_groups(args, device)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype or ("bfloat16" if device == "cuda" else "float32")]
-    shape = args.shape or ("1b" if device == "cuda" else "tiny")
+    dtype, shape = _model_options(args, device)
     backends = args.backends.split(",") if args.backends else bench.available_backends(device)
     n = args.examples_per_step * (args.steps + 1)
     vocab = bench.MODEL_SHAPES[shape]["vocab_size"]
@@ -41,19 +64,8 @@ def _bench(args) -> int:
         examples_per_step=args.examples_per_step, steps=args.steps, budget=args.budget,
         reward_model=args.reward_model,
     )
-    table = bench.format_table(result)
-    print(table)
-    if args.out_dir:
-        os.makedirs(args.out_dir, exist_ok=True)
-        name = args.name or (
-            f"bench-{result.device.split(':')[0]}-{shape}{'-rm' if args.reward_model else ''}{'-lora' if args.lora else ''}"
-        )
-        stem = os.path.join(args.out_dir, name)
-        bench.save(result, stem + ".json", stem + ".png")
-        with open(stem + ".md", "w") as f:
-            f.write(f"Produced by `prefixshare {' '.join(args.argv)}`.\n\n{table}\n")
-        print(f"wrote {stem}.json, {stem}.png, {stem}.md")
-    return 0
+    name = f"bench-{result.device.split(':')[0]}-{shape}{'-rm' if args.reward_model else ''}{'-lora' if args.lora else ''}"
+    return _report(args, bench.format_table(result), bench.save, result, name, suffixes=(".json", ".png"))
 
 
 def _ints(text: str, option: str) -> list[int]:
@@ -75,16 +87,8 @@ def _bench_memory(args, device: str) -> int:
         hidden_size=args.hidden_size, device=device, dtype=args.dtype or "float32", train_head=args.train_head,
         memory_limit_gb=args.memory_limit_gb, repeats=args.repeats, threads=args.threads, chunk_size=args.chunk_size,
     )  # fmt: skip
-    table = bench_memory.format_memory_table(result)
-    print(table)
-    if args.out_dir:
-        os.makedirs(args.out_dir, exist_ok=True)
-        stem = os.path.join(args.out_dir, args.name or f"memory-{result.device.split(':')[0]}")
-        bench_memory.save_memory(result, stem + ".json")
-        with open(stem + ".md", "w") as f:
-            f.write(f"Produced by `prefixshare {' '.join(args.argv)}`.\n\n{table}\n")
-        print(f"wrote {stem}.json, {stem}.md")
-    return 0
+    name = f"memory-{result.device.split(':')[0]}"
+    return _report(args, bench_memory.format_memory_table(result), bench_memory.save_memory, result, name)
 
 
 def _bench_groups(args, device: str) -> int:
@@ -103,8 +107,7 @@ def _bench_groups(args, device: str) -> int:
         raise ValueError(f"--modes takes a comma-separated subset of {', '.join(bench_groups.MODES)}, got {args.modes!r}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype or ("bfloat16" if device == "cuda" else "float32")]
-    shape = args.shape or ("1b" if device == "cuda" else "tiny")
+    dtype, shape = _model_options(args, device)
     # dense-mask kernels on CPU: sdpa (eager materializes every score; varlen's CPU kernel is a reference loop)
     backends = args.backends.split(",") if args.backends else (
         bench.available_backends(device) if device.startswith("cuda") else ["sdpa"]
@@ -115,16 +118,8 @@ def _bench_groups(args, device: str) -> int:
         prompts_per_step=args.prompts_per_step, steps=args.steps, rounds=args.rounds, length_scale=args.length_scale,
         budget=args.budget,
     )  # fmt: skip
-    table = bench_groups.format_group_table(result)
-    print(table)
-    if args.out_dir:
-        os.makedirs(args.out_dir, exist_ok=True)
-        stem = os.path.join(args.out_dir, args.name or f"bench-groups-{result.device.split(':')[0]}-{shape}")
-        bench_groups.save_group(result, stem + ".json")
-        with open(stem + ".md", "w") as f:
-            f.write(f"Produced by `prefixshare {' '.join(args.argv)}`.\n\n{table}\n")
-        print(f"wrote {stem}.json, {stem}.md")
-    return 0
+    name = f"bench-groups-{result.device.split(':')[0]}-{shape}"
+    return _report(args, bench_groups.format_group_table(result), bench_groups.save_group, result, name)
 
 
 def _load_tokenizer(path: str):
@@ -162,7 +157,7 @@ def _stats(args) -> int:
             raise ValueError("--group G and --completion-length C go together (the group ideal needs both)")
         if args.group < 1 or args.completion_length < 1:
             raise ValueError(f"--group and --completion-length must be positive, got {args.group}, {args.completion_length}")
-        prompts = prompt_ids_of_file(args.data, tokenizer, limit=args.limit)
+        prompts = prompt_ids_of_file(args.data, tokenizer, limit=args.limit, progress=True)
         print(format_group_stats(args.data, group_stats(prompts, args.group, args.completion_length)))
         return 0
     examples = tokenize_preferences(tokenizer, load_preferences(args.data, limit=args.limit), progress=True)

@@ -11,6 +11,12 @@ from dataclasses import dataclass
 
 from ..collators import PairedCollator, PrefixShareCollator
 
+
+def _attention_pairs(n: int) -> float:
+    """Query-key pairs of causal attention over ``n`` tokens."""
+    return n * (n + 1) / 2
+
+
 @dataclass
 class DatasetStats:
     examples: int
@@ -40,10 +46,7 @@ def dataset_stats(examples: list[dict], max_tokens_per_row: int | None = None) -
     p = [len(e["prompt_input_ids"]) for e in examples]
     c = [len(e["chosen_input_ids"]) for e in examples]
     r = [len(e["rejected_input_ids"]) for e in examples]
-
-    def pairs(n):  # query-key pairs of causal attention over n tokens
-        return n * (n + 1) / 2
-
+    pairs = _attention_pairs  # short: the formulas below read as written on paper
     stats = DatasetStats(
         examples=len(examples),
         median_prompt=statistics.median(p),
@@ -74,16 +77,17 @@ def format_stats(name: str, s: DatasetStats) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- online RL groups
-def prompt_ids_of_file(path: str, tokenizer, limit: int | None = None) -> list[list[int]]:
+def prompt_ids_of_file(path: str, tokenizer, limit: int | None = None, progress: bool = False) -> list[list[int]]:
     """Tokenized prompts of a prompt dataset (:func:`load_prompts`) or of a preference dataset (its examples'
-    prompts as :func:`prefixshare.data.tokenize_preferences` splits them, implicit prompts included: HH-RLHF, ShareGPT pairs)."""
+    prompts as :func:`prefixshare.data.tokenize_preferences` splits them, implicit prompts included: HH-RLHF, ShareGPT pairs).
+    ``progress=True``: a progress bar while tokenizing (as ``prefixshare stats`` shows for preference data)."""
     from ..data import load_preferences, load_prompts, tokenize_preferences, tokenize_prompts
 
     try:
         rows = load_preferences(path, limit=limit)
     except ValueError:  # not preference pairs: a prompt dataset
-        return tokenize_prompts(load_prompts(path, limit=limit), tokenizer)
-    return [e["prompt_input_ids"] for e in tokenize_preferences(tokenizer, rows)]
+        return tokenize_prompts(load_prompts(path, limit=limit), tokenizer, progress=progress)
+    return [e["prompt_input_ids"] for e in tokenize_preferences(tokenizer, rows, progress=progress)]
 
 
 @dataclass
@@ -116,10 +120,7 @@ def group_stats(prompt_ids: list[list[int]], group_size: int, completion_length:
         raise ValueError("no prompts")
     G, C = group_size, completion_length
     p = [len(ids) for ids in prompt_ids]
-
-    def pairs(n):  # query-key pairs of causal attention over n tokens
-        return n * (n + 1) / 2
-
+    pairs = _attention_pairs  # short: the formulas below read as written on paper
     return GroupStats(
         prompts=len(p),
         median_prompt=statistics.median(p),
