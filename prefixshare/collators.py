@@ -24,7 +24,7 @@ from .layout import LAYOUT_KEY, PrefixShareLayout, UnitSpec, place_in_rows
 from .packing import first_fit_decreasing
 
 
-TRUNCATION_MODES = ("keep_end_of_prompt", "truncate_responses")
+TRUNCATION_MODES = ("keep_end_of_prompt", "truncate_responses", "keep_end")
 
 
 class PrefixShareBatch(dict):
@@ -46,10 +46,19 @@ class PrefixShareBatch(dict):
 
 @dataclass
 class PreferenceExample:
-    """A validated example: token ids of one prompt and its K responses."""
+    """A validated example: token ids of one prompt and its K responses.
+
+    ``own_prompts`` (only from ``truncation="keep_end"``): one prompt per response, when truncation cut the
+    responses' sequences at different prompt tokens; such an example is laid out as one unit per response.
+    """
 
     prompt: list[int]
     responses: list[list[int]]
+    own_prompts: list[list[int]] | None = None
+
+    def prompt_of(self, response: int) -> list[int]:
+        """The prompt that response ``response`` follows."""
+        return self.prompt if self.own_prompts is None else self.own_prompts[response]
 
 
 # ---------------------------------------------------------------------------------------------- input checks
@@ -179,8 +188,11 @@ def _truncate(ex: PreferenceExample, index: int, max_length: int | None, mode: s
     what = f"prompt ({len(ex.prompt)}) + longest response ({longest}) exceeds max_length={max_length}"
     if mode is None:
         raise ValueError(
-            f"example {index}: {what}; pass truncation='keep_end_of_prompt' or 'truncate_responses' to shorten it"
+            f"example {index}: {what}; pass truncation='keep_end_of_prompt', 'truncate_responses' or 'keep_end' to "
+            "shorten it"
         )
+    if mode == "keep_end":
+        return _keep_end(ex, index, max_length, what)
     if mode == "keep_end_of_prompt":
         keep = max_length - longest
         if keep < 1:
@@ -191,6 +203,26 @@ def _truncate(ex: PreferenceExample, index: int, max_length: int | None, mode: s
     if keep < 1:
         raise ValueError(f"example {index}: {what}, and no response token would remain after truncating responses")
     return PreferenceExample(ex.prompt, [r[:keep] for r in ex.responses])
+
+
+def _keep_end(ex: PreferenceExample, index: int, max_length: int, what: str) -> PreferenceExample:
+    """TRL's ``truncation_mode="keep_end"``: each prompt+response sequence keeps its last ``max_length`` tokens.
+
+    A sequence cut inside its response keeps no prompt token; its first token then only predicts the next (no
+    token predicts it), so it becomes that response's one-token prompt, as the paired format never scores a row's
+    first token. Responses whose cuts leave different prompts get prompts of their own (``own_prompts``).
+    """
+    if max_length < 2:
+        raise ValueError(f"example {index}: {what}, and max_length={max_length} leaves no token to score")
+    prompts, responses = [], []
+    for response in ex.responses:
+        kept = (ex.prompt + response)[-max_length:]
+        prompt_length = max(len(kept) - len(response), 1)
+        prompts.append(kept[:prompt_length])
+        responses.append(kept[prompt_length:])
+    if all(p == prompts[0] for p in prompts):
+        return PreferenceExample(prompts[0], responses)
+    return PreferenceExample(prompts[0], responses, own_prompts=prompts)
 
 
 # ---------------------------------------------------------------------------------------------- collators
@@ -263,12 +295,15 @@ class _PreferenceCollator:
             row_length=L,
             num_examples=len(checked),
             num_responses=len(checked[0].responses),
-            max_token_id=max([self.pad_token_id] + [max(ex.prompt + [max(r) for r in ex.responses]) for ex in checked]),
+            max_token_id=max(
+                [self.pad_token_id]
+                + [max(t for k, r in enumerate(ex.responses) for t in ex.prompt_of(k) + r) for ex in checked]
+            ),
         )
         input_ids = torch.full((len(rows), L), self.pad_token_id, dtype=torch.long)
         for pl in placements:
             ex = checked[pl.unit.example]
-            ids = list(ex.prompt)
+            ids = list(ex.prompt_of(pl.unit.response_slots[0]))  # units of own_prompts examples hold one response
             for slot in pl.unit.response_slots:
                 ids.extend(ex.responses[slot])
             input_ids[pl.row, pl.offset : pl.offset + len(ids)] = torch.tensor(ids, dtype=torch.long)
@@ -303,22 +338,22 @@ class PrefixShareCollator(_PreferenceCollator):
         max_length: the longest allowed prompt+response sequence (the length the paired format would see).
         truncation: what to do with an example beyond ``max_length``: ``None`` raises;
             ``"keep_end_of_prompt"`` drops the earliest prompt tokens; ``"truncate_responses"`` cuts the
-            ends of the responses.
+            ends of the responses; ``"keep_end"`` keeps the last ``max_length`` tokens of each prompt+response
+            (TRL's ``truncation_mode="keep_end"``; responses cut at different prompt tokens then each get a unit
+            of their own, without sharing).
 
     Results come back in input order whatever the packing: :func:`prefixshare.split_logps` reads the
     layout to put example i at index i.
     """
 
     def _units(self, examples):
-        return [
-            UnitSpec(
-                example=i,
-                prompt_length=len(ex.prompt),
-                response_slots=tuple(range(len(ex.responses))),
-                response_lengths=tuple(len(r) for r in ex.responses),
-            )
-            for i, ex in enumerate(examples)
-        ]
+        units = []
+        for i, ex in enumerate(examples):
+            if ex.own_prompts is None:
+                units.append(UnitSpec(i, len(ex.prompt), tuple(range(len(ex.responses))), tuple(map(len, ex.responses))))
+            else:  # responses that follow different prompts (keep_end truncation) cannot share one
+                units.extend(_response_units(i, ex, range(len(ex.responses))))
+        return units
 
 
 class PairedCollator(_PreferenceCollator):
@@ -332,13 +367,9 @@ class PairedCollator(_PreferenceCollator):
 
     def _units(self, examples):
         K = len(examples[0].responses)
-        return [
-            UnitSpec(
-                example=i,
-                prompt_length=len(ex.prompt),
-                response_slots=(k,),
-                response_lengths=(len(ex.responses[k]),),
-            )
-            for k in range(K)
-            for i, ex in enumerate(examples)
-        ]
+        return [unit for k in range(K) for i, ex in enumerate(examples) for unit in _response_units(i, ex, (k,))]
+
+
+def _response_units(index: int, ex: PreferenceExample, responses) -> list[UnitSpec]:
+    """One ``[prompt | response k]`` unit per response of ``responses``: the paired format."""
+    return [UnitSpec(index, len(ex.prompt_of(k)), (k,), (len(ex.responses[k]),)) for k in responses]

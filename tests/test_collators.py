@@ -214,6 +214,30 @@ def test_truncation_truncate_responses():
     assert batch.layout.response_lengths.tolist() == [[2, 1]]
 
 
+def test_truncation_keep_end():
+    """TRL's keep_end: each prompt+response keeps its last max_length tokens. Cut alike -> still one shared prompt;
+    cut at different prompt tokens -> a unit per response; cut inside the response -> its first kept token is the
+    (one-token) prompt, which no token predicts, as a paired row never scores its first token."""
+    examples = [
+        {"prompt_input_ids": [1, 2, 3, 4, 5], "chosen_input_ids": [6, 7], "rejected_input_ids": [8, 9]},  # alike
+        {"prompt_input_ids": [11, 12, 13], "chosen_input_ids": [14], "rejected_input_ids": [15, 16, 17, 18, 19]},
+        {"prompt_input_ids": [21], "chosen_input_ids": [22], "rejected_input_ids": [23]},  # within the limit
+    ]
+    collator = PrefixShareCollator(pad_token_id=PAD, max_length=4, truncation="keep_end")
+    batch = collator(examples)
+    rows = [row[row != PAD].tolist() for row in batch["input_ids"]]
+    assert rows == [[4, 5, 6, 7, 8, 9], [11, 12, 13, 14], [16, 17, 18, 19], [21, 22, 23]]  # chosen 1 fits whole
+    # scored: example 1's rejected keeps [16 | 17 18 19] (16 predicts, is not predicted)
+    assert batch.layout.response_lengths.tolist() == [[2, 2], [1, 3], [1, 1]]
+    assert collator.unit_lengths(examples) == [6, 4, 4, 3]
+    paired = PairedCollator(pad_token_id=PAD, max_length=4, truncation="keep_end")(examples)
+    assert [row[row != PAD].tolist() for row in paired["input_ids"]] == [
+        [4, 5, 6, 7], [11, 12, 13, 14], [21, 22], [4, 5, 8, 9], [16, 17, 18, 19], [21, 23]
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match="example 0.*max_length=1 leaves no token to score"):
+        PrefixShareCollator(pad_token_id=PAD, max_length=1, truncation="keep_end")(examples)
+
+
 def test_truncation_that_empties_raises():
     example = {"prompt_input_ids": [1, 2], "chosen_input_ids": [3, 4, 5, 6], "rejected_input_ids": [7]}
     ok = {"prompt_input_ids": [1], "chosen_input_ids": [2], "rejected_input_ids": [3]}

@@ -239,6 +239,10 @@ OPTION_CASES = {
     "router_aux_loss_coef 0": dict(router_aux_loss_coef=0.0),
     # rows padded to a multiple, completions truncated (keep_start), the deprecated pad_token (EOS as padding)
     "pad_to_multiple_of, max_length, pad_token": dict(pad_to_multiple_of=16, max_length=84, pad_token="<eos>"),
+    # keep_end (deprecated in TRL): each sequence keeps its last tokens; pairs cut at different prompt tokens get
+    # a unit per response; at 20 tokens some sequences keep no prompt token at all
+    "truncation_mode keep_end 60": dict(truncation_mode="keep_end", max_length=60),
+    "truncation_mode keep_end 20": dict(truncation_mode="keep_end", max_length=20),
 }
 
 
@@ -274,6 +278,28 @@ def test_moe_router_aux_loss_matches_trl(tokenizer, tmp_path, model_type, packed
     if packed:
         batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
         assert batch["input_ids"].shape[0] < 4
+
+
+def test_keep_end_packed_matches_trl_and_shares_what_it_can(tokenizer, tmp_path):
+    """truncation_mode="keep_end" with packed rows: TRL's numbers; pairs cut at the same prompt token still share it.
+
+    Fails on the main this started from: ValueError "does not support truncation_mode='keep_end'".
+    """
+    options = dict(truncation_mode="keep_end", max_length=66)
+    theirs, _, _ = train(DPOTrainer, tokenizer, tmp_path, **options)
+    ours, _, trainer = train(
+        PrefixShareDPOTrainer, tokenizer, tmp_path, trainer_kwargs={"prefixshare_max_tokens_per_row": 160}, **options
+    )
+    assert_logs_match(ours, theirs, "truncation_mode keep_end 66, packed")
+    layout = trainer.data_collator([trainer.train_dataset[i] for i in range(len(ROWS))])[LAYOUT_KEY]
+    shared = [p for p in layout.placements if len(p.unit.response_slots) == 2]
+    alone = [p for p in layout.placements if len(p.unit.response_slots) == 1]
+    assert shared and alone  # pairs within max_length (or cut alike) share their prompt; the others cannot
+
+
+def test_unknown_truncation_mode_is_refused_with_trl_wording():
+    with pytest.raises(ValueError, match="Unsupported truncation mode: left, expected 'keep_start' or 'keep_end'"):
+        PrefixShareDPOCollator(0, max_length=8, truncation_mode="left")
 
 
 def test_padding_free_packs_each_batch_into_one_row(tokenizer, tmp_path):
@@ -565,7 +591,6 @@ UNSUPPORTED = [
     (dict(loss_type=["sigmoid", "sft"], use_weighting=True), "use_weighting"),
     (dict(loss_type=["hinge"], use_weighting=True), "use_weighting"),
     (dict(use_liger_kernel=True), "use_liger_kernel"),
-    (dict(truncation_mode="keep_end"), "truncation_mode"),
     (dict(accelerator_config={"dispatch_batches": True}), "dispatch_batches"),
     (dict(torch_compile=True), "torch_compile"),
     (dict(include_for_metrics=["inputs"]), "include_for_metrics"),

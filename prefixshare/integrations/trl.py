@@ -114,6 +114,9 @@ for _name in ("_compute_loss", "compute_ref_log_probs", "_prepare_dataset"):
 
 
 # ---------------------------------------------------------------------------------------------- collator
+_TRUNCATION = {"keep_start": "truncate_responses", "keep_end": "keep_end"}  # TRL's truncation_mode -> the collator's
+
+
 class PrefixShareDPOCollator:
     """TRL's tokenized preference examples -> a prefix-shared batch, the drop-in for ``DataCollatorForPreference``.
 
@@ -130,10 +133,13 @@ class PrefixShareDPOCollator:
 
     Args:
         pad_token_id: written into padding positions (never attended to, never scored).
-        max_length: TRL's ``max_length`` with ``truncation_mode="keep_start"``: each prompt+completion keeps its
-            first ``max_length`` tokens, i.e. completions are cut to ``max_length - len(prompt)``. (TRL drops the
+        max_length: TRL's ``max_length``. With ``truncation_mode="keep_start"`` each prompt+completion keeps its
+            first ``max_length`` tokens, i.e. completions are cut to ``max_length - len(prompt)`` (TRL drops the
             examples whose prompt alone reaches ``max_length`` while preparing the dataset; one that still comes
-            here raises.)
+            here raises).
+        truncation_mode: TRL's ``"keep_start"`` (default) or ``"keep_end"``: each prompt+completion keeps its
+            last ``max_length`` tokens, so a pair whose two sequences are cut at different prompt tokens no longer
+            shares a prompt; it is laid out as TRL lays it out, one ``[prompt | completion]`` unit per completion.
         pad_to_multiple_of: round the row length up to a multiple of this.
         max_tokens_per_row: pack pairs into rows of at most this many tokens (see
             :class:`~prefixshare.PrefixShareCollator`).
@@ -147,7 +153,12 @@ class PrefixShareDPOCollator:
         pad_to_multiple_of: int | None = None,
         max_tokens_per_row: int | None = None,
         padding_free: bool = False,
+        truncation_mode: str = "keep_start",
     ):
+        if truncation_mode not in _TRUNCATION:
+            raise ValueError(
+                f"Unsupported truncation mode: {truncation_mode}, expected 'keep_start' or 'keep_end'"
+            )  # TRL's wording
         if padding_free and max_tokens_per_row is not None:
             raise ValueError(
                 "give padding_free=True (every batch in one row) or max_tokens_per_row (rows of at most N tokens), "
@@ -160,7 +171,7 @@ class PrefixShareDPOCollator:
             max_tokens_per_row=max_tokens_per_row,
             pad_to_multiple_of=pad_to_multiple_of,
             max_length=max_length,
-            truncation="truncate_responses" if max_length is not None else None,
+            truncation=None if max_length is None else _TRUNCATION[truncation_mode],
         )
 
     @property
@@ -271,12 +282,6 @@ def _check_config(args: DPOConfig) -> None:
         raise unsupported(
             "use_liger_kernel=True", "Liger's kernels are not verified with prefix-shared batches (deprecated in TRL)"
         )
-    if args.max_length is not None and args.truncation_mode != "keep_start":
-        raise unsupported(
-            f"truncation_mode={args.truncation_mode!r}",
-            "keep_end cuts prompt+chosen and prompt+rejected at different prompt tokens, so they no longer share one "
-            "prompt; use truncation_mode='keep_start' (TRL's default) or max_length=None",
-        )
     check_shared_trainer_options(args, unsupported, "trl.DPOTrainer")
 
 
@@ -342,6 +347,7 @@ def _default_collator(tokenizer, config: DPOConfig, max_tokens_per_row: int | No
         pad_to_multiple_of=config.pad_to_multiple_of,
         max_tokens_per_row=max_tokens_per_row,
         padding_free=config.padding_free,
+        truncation_mode=config.truncation_mode,
     )
 
 # ---------------------------------------------------------------------------------------------- trainer
@@ -353,8 +359,7 @@ class PrefixShareDPOTrainer(PrefixSharePatching, DPOTrainer):
     prefix-shared batch (``generate()``, your own evaluation) run the original attention.
 
     Raises:
-        ValueError: an option prefix sharing does not cover (``use_liger_kernel``, ``truncation_mode='keep_end'``,
-            ``torch_compile``, ``include_for_metrics=['inputs']``, a data collator of another kind, vision-language
+        ValueError: an option prefix sharing does not cover (``use_liger_kernel``, ``torch_compile``, ``include_for_metrics=['inputs']``, a data collator of another kind, vision-language
             models, prompt-learning PEFT, tensor/context/sequence parallelism, ``accelerator_config.dispatch_batches=
             True``), or one trl.DPOTrainer accepts but fails on mid-training (``use_weighting`` with ``sft``,
             ``label_smoothing`` out of a loss's range). See docs/trl.md.

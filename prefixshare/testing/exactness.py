@@ -59,10 +59,10 @@ def logps_alone(model, examples: Sequence) -> torch.Tensor:
     for i, example in enumerate(examples):
         ex = normalize_example(example, i)
         row = []
-        for response in ex.responses:
-            ids = torch.tensor([ex.prompt + response], device=device)
+        for k, response in enumerate(ex.responses):
+            ids = torch.tensor([ex.prompt_of(k) + response], device=device)
             logits = model(input_ids=ids, use_cache=False).logits[0]
-            p = len(ex.prompt)
+            p = len(ex.prompt_of(k))
             row.append(token_logps(logits[p - 1 : -1], ids[0, p:]).sum())
         rows.append(torch.stack(row))
     return torch.stack(rows)
