@@ -209,6 +209,17 @@ def entropy_and_grads(model, compute):
     return logps.detach(), entropy.detach(), grads
 
 
+def logps_and_grads_of_sum(model, compute):
+    """:func:`entropy_and_grads` without the entropies' term (``w2 = 0``)."""
+    model.zero_grad(set_to_none=True)
+    logps, entropy = compute()
+    w1, _ = weights((2, *logps.shape))
+    (w1 * logps).sum().backward()
+    grads = trainable_grads(model)
+    model.zero_grad(set_to_none=True)
+    return logps.detach(), entropy.detach(), grads
+
+
 def full_logit_entropy(model, batch, temperature):
     """Token log-probs and entropies of ``softmax(logits / temperature)`` from the full [B, L, V] logits, by autograd."""
     logits = model(**batch).logits
@@ -264,17 +275,6 @@ def test_entropy_grad_equals_autograd_on_full_logits(architecture, head, monkeyp
                                 entropy_grad=True)  # fmt: skip
     assert not out.stats["entropy"].requires_grad
     assert relative_error(out.stats["entropy"], want[1]) < TOL
-
-
-def logps_and_grads_of_sum(model, compute):
-    """:func:`entropy_and_grads` without the entropies' term (``w2 = 0``)."""
-    model.zero_grad(set_to_none=True)
-    logps, entropy = compute()
-    w1, _ = weights((2, *logps.shape))
-    (w1 * logps).sum().backward()
-    grads = trainable_grads(model)
-    model.zero_grad(set_to_none=True)
-    return logps.detach(), entropy.detach(), grads
 
 
 def test_entropy_grad_leaves_the_logps_and_their_gradients_unchanged():
