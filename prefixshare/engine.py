@@ -55,7 +55,8 @@ from .structure import unwrap_model
 __all__ = ["STATS", "LogitProcessing", "ResponseLogps", "logit_processing", "response_logps"]
 
 STATS = ("entropy", "logsumexp", "argmax_match", "mean_logit", "log_sum_sq_probs")
-"""Per-token statistics :func:`response_logps` can compute in its chunk pass (float32, no gradient):
+"""Per-token statistics :func:`response_logps` can compute in its chunk pass (float32, no gradient; the entropy's
+with ``entropy_grad=True``):
 
 * ``entropy``: ``-sum_v p_v log p_v`` of the token's predictive distribution;
 * ``logsumexp``: ``log sum_v exp(z_v)`` of the (processed, float32) logits ``z``;
@@ -432,12 +433,19 @@ class _LogSoftmaxGather(torch.autograd.Function):
     so only a fraction of a block is added to the LM head's output; the statistics come from the same ``z``.
     Backward: ``dz = g * (onehot - softmax(z))`` (through the processing by autograd on the same operations)
     for ``c / 4`` rows at a time, written into the saved LM head output when nothing else holds it.
+
+    ``entropy=True``: also returns the ``[c]`` float32 entropy ``H = -sum_v p_v log p_v`` as a second output
+    with a gradient (the sink gets no ``entropy`` then): the backward adds ``g_H * dH/dz = -g_H * p * (log p + H)``
+    to ``dz``. The saved LM head output is then never overwritten, so that the frozen-head path can run the
+    backward twice on one graph (once per output).
     """
 
     @staticmethod
-    def forward(ctx, logits, targets, processing: LogitProcessing, sink: _StatSink | None, offset: int):
+    def forward(ctx, logits, targets, processing: LogitProcessing, sink: _StatSink | None, offset: int,
+                entropy: bool = False):  # fmt: skip
         rows = logits.shape[0]
         out = torch.empty(rows, dtype=torch.float32, device=logits.device)
+        entropies = torch.empty(rows, dtype=torch.float32, device=logits.device) if entropy else None
         write_stats = sink is not None and sink.active
         step = _sub_blocks(rows)
         for start in range(0, rows, step):
@@ -461,20 +469,26 @@ class _LogSoftmaxGather(torch.autograd.Function):
                     hit = (z.argmax(-1) == targets[block]) & ~target_logit.isnan()
                     sink.write("argmax_match", at, hit.float())
                 if "entropy" in sink.values:  # -softmax . log_softmax, without a third [rows, V] temporary
-                    p = log_p.exp()
-                    sink.write("entropy", at, -torch.bmm(p.unsqueeze(1), log_p.unsqueeze(2)).view(-1))
-                    del p
+                    sink.write("entropy", at, _entropy_of(log_p))
+            if entropy:
+                entropies[block] = _entropy_of(log_p)
             del z, log_p
         ctx.processing = processing
+        ctx.entropy = entropy
+        if entropy:
+            ctx.save_for_backward(logits, targets, entropies)
+            return out, entropies
         ctx.save_for_backward(logits, targets)
         return out
 
     @staticmethod
-    def backward(ctx, grad):
-        logits, targets = ctx.saved_tensors
+    def backward(ctx, grad, grad_entropy=None):
+        logits, targets, *entropies = ctx.saved_tensors
         processing = ctx.processing
         if grad is None or not ctx.needs_input_grad[0]:
-            return None, None, None, None, None
+            return None, None, None, None, None, None
+        if ctx.entropy:
+            return _entropy_backward(logits, targets, processing, grad, grad_entropy, entropies[0])
         grad = grad.float()
         overwrite = logits.grad_fn is not None and type(logits.grad_fn).__name__ in _OUTPUT_NOT_SAVED
         result = logits if overwrite else torch.empty_like(logits)
@@ -497,25 +511,67 @@ class _LogSoftmaxGather(torch.autograd.Function):
                     (dx,) = torch.autograd.grad(z, x, dz)
                 result[block] = dx
             del dz
-        return result, None, None, None, None
+        return result, None, None, None, None, None
+
+
+def _entropy_of(log_p: torch.Tensor) -> torch.Tensor:
+    """``[r, V]`` float32 log-softmax -> ``[r]`` entropy ``-softmax . log_softmax`` (no third ``[r, V]`` temporary)."""
+    p = log_p.exp()
+    return -torch.bmm(p.unsqueeze(1), log_p.unsqueeze(2)).view(-1)
+
+
+def _entropy_backward(logits, targets, processing, grad, grad_entropy, entropies):
+    """The gradient of ``sum(g * log p(target) + g_H * H)`` with respect to the LM head output ``[c, V]``.
+
+    ``dz = g * (onehot - p) - g_H * p * (log p + H)`` with ``p = softmax(z)`` of the processed float32 logits,
+    ``c / 4`` rows at a time, then through the processing by autograd on the same operations. A new block: the
+    saved LM head output may be read by a second backward (frozen head: one per output).
+    """
+    grad = grad.float()
+    grad_entropy = torch.zeros_like(grad) if grad_entropy is None else grad_entropy.float()
+    result = torch.empty_like(logits)
+    step = _sub_blocks(logits.shape[0])
+    for start in range(0, logits.shape[0], step):
+        block = slice(start, start + step)
+        g, g_h, t = grad[block].unsqueeze(-1), grad_entropy[block].unsqueeze(-1), targets[block].unsqueeze(-1)
+        with torch.enable_grad():
+            x = logits[block].detach().requires_grad_(not processing.is_identity or logits.dtype != torch.float32)
+            z = processing.apply(x).float()
+            log_p = torch.log_softmax(z.detach(), dim=-1)
+            p = log_p.exp()
+            # -p * (g + g_H * (log p + H)) + onehot * g, in place on the two float32 temporaries
+            dz = p.mul_(log_p.add_(entropies[block].unsqueeze(-1)).mul_(g_h).add_(g)).neg_().scatter_add_(-1, t, g)
+            del log_p
+            if x.requires_grad:
+                (dz,) = torch.autograd.grad(z, x, dz)
+        result[block] = dz
+        del dz
+    return result, None, None, None, None, None
 
 
 class _PrecomputedGrad(torch.autograd.Function):
-    """Token log-probs whose gradient with respect to their hidden rows was computed in the forward.
+    """Token log-probs (and entropies) whose gradient with respect to their hidden rows was computed in the forward.
 
     ``token_logps[t]`` depends on row ``t`` only, so ``d token_logps[t] / d rows[t]`` (``A[t]``, ``[H]``) is
-    the gradient of ``sum(token_logps)`` by row, and the backward is ``grad[t] * A[t]``.
+    the gradient of ``sum(token_logps)`` by row, and the backward is ``grad[t] * A[t]``. With entropies (and their
+    row gradients ``B``, ``[T, H]``) the backward is ``grad[t] * A[t] + grad_H[t] * B[t]``.
     """
 
     @staticmethod
-    def forward(ctx, rows, token_logps, row_grads):
-        ctx.save_for_backward(row_grads)
-        return token_logps.clone()
+    def forward(ctx, rows, token_logps, row_grads, entropies=None, entropy_row_grads=None):
+        if entropies is None:
+            ctx.save_for_backward(row_grads)
+            return token_logps.clone()
+        ctx.save_for_backward(row_grads, entropy_row_grads)
+        return token_logps.clone(), entropies.clone()
 
     @staticmethod
-    def backward(ctx, grad):
-        (row_grads,) = ctx.saved_tensors
-        return row_grads * grad.unsqueeze(-1).to(row_grads.dtype), None, None
+    def backward(ctx, grad, grad_entropy=None):
+        row_grads, *entropy_row_grads = ctx.saved_tensors
+        result = row_grads * grad.unsqueeze(-1).to(row_grads.dtype)
+        if entropy_row_grads and grad_entropy is not None:
+            result = result + entropy_row_grads[0] * grad_entropy.unsqueeze(-1).to(row_grads.dtype)
+        return result, None, None, None, None
 
 
 def _has_foreign_hooks(head: torch.nn.Module) -> bool:
@@ -542,15 +598,19 @@ def fused_token_logps(
     processing: LogitProcessing,
     chunk_size: int,
     stats: tuple[str, ...] = (),
+    entropy_grad: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``[T, H]`` predictor rows and ``[T]`` targets -> ``[T]`` float32 log-probs and ``{stat: [T]}``.
 
     The LM head runs on ``chunk_size`` rows at a time; see the module docstring for the two gradient modes.
+    ``entropy_grad`` (with ``"entropy"`` in ``stats``): the ``entropy`` values carry their graph, in every mode.
     """
     T = rows.shape[0]
-    sink = _StatSink(stats, T, rows.device)
     head_trainable = any(p.requires_grad for p in head.parameters())
     needs_graph = torch.is_grad_enabled() and (rows.requires_grad or head_trainable)
+    # differentiable entropies come out of the chunks themselves, not out of the (no-grad) sink
+    entropy_grad = entropy_grad and needs_graph and "entropy" in stats
+    sink = _StatSink(tuple(s for s in stats if not (entropy_grad and s == "entropy")), T, rows.device)
     row_chunks, target_chunks = rows.split(chunk_size), targets.split(chunk_size)
     offsets = range(0, T, chunk_size)
 
@@ -564,33 +624,55 @@ def fused_token_logps(
 
     if not head_trainable and not _has_foreign_hooks(head):
         # frozen head: each chunk's gradient with respect to its rows, now (no recompute in backward)
-        parts, row_grads = [], []
+        parts, row_grads, entropies, entropy_row_grads = [], [], [], []
         for x, t, at in zip(row_chunks, target_chunks, offsets):
             with torch.enable_grad():
                 leaf = x.detach().requires_grad_(True)
-                logps = _LogSoftmaxGather.apply(head(leaf), t, processing, sink, at)
-                (grad,) = torch.autograd.grad(logps, leaf, torch.ones_like(logps))
+                outputs = _LogSoftmaxGather.apply(head(leaf), t, processing, sink, at, entropy_grad)
+                logps, entropy = outputs if entropy_grad else (outputs, None)
+                (grad,) = torch.autograd.grad(logps, leaf, torch.ones_like(logps), retain_graph=entropy_grad)
+                if entropy_grad:
+                    (entropy_grad_rows,) = torch.autograd.grad(entropy, leaf, torch.ones_like(entropy))
+                    entropies.append(entropy.detach())
+                    entropy_row_grads.append(entropy_grad_rows)
             parts.append(logps.detach())
             row_grads.append(grad)
-        return _PrecomputedGrad.apply(rows, torch.cat(parts), torch.cat(row_grads)), sink.values
+        if not entropy_grad:
+            return _PrecomputedGrad.apply(rows, torch.cat(parts), torch.cat(row_grads)), sink.values
+        logps, entropy = _PrecomputedGrad.apply(
+            rows, torch.cat(parts), torch.cat(row_grads), torch.cat(entropies), torch.cat(entropy_row_grads)
+        )
+        return logps, _with_entropy(stats, sink, entropy)
 
     # trainable head: recompute each chunk's LM head call in backward
     def chunk(x, t, at):
-        return _LogSoftmaxGather.apply(head(x), t, processing, sink, at)
+        return _LogSoftmaxGather.apply(head(x), t, processing, sink, at, entropy_grad)
 
     parts = [checkpoint(chunk, x, t, at, use_reentrant=False) for x, t, at in zip(row_chunks, target_chunks, offsets)]
     sink.active = False  # the recomputes in backward must not write the statistics again
-    return torch.cat(parts), sink.values
+    if not entropy_grad:
+        return torch.cat(parts), sink.values
+    return torch.cat([p for p, _ in parts]), _with_entropy(stats, sink, torch.cat([e for _, e in parts]))
 
 
-def _chunked_logits_logps(logits, targets, processing, chunk_size: int, stats=()):
-    """``[T, V]`` LM head output (already built) -> ``[T]`` log-probs and ``{stat: [T]}``, fused per chunk."""
-    sink = _StatSink(stats, logits.shape[0], logits.device)
+def _with_entropy(stats, sink: _StatSink, entropy: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``{stat: [T]}`` in the order of ``stats``: the sink's, and the differentiable ``entropy``."""
+    return {name: entropy if name == "entropy" else sink.values[name] for name in stats}
+
+
+def _chunked_logits_logps(logits, targets, processing, chunk_size: int, stats=(), entropy_grad: bool = False):
+    """``[T, V]`` LM head output (already built) -> ``[T]`` log-probs and ``{stat: [T]}``, fused per chunk.
+
+    ``entropy_grad``: the ``entropy`` values carry their graph (when the logits have one)."""
+    entropy_grad = entropy_grad and "entropy" in stats and torch.is_grad_enabled() and logits.requires_grad
+    sink = _StatSink(tuple(s for s in stats if not (entropy_grad and s == "entropy")), logits.shape[0], logits.device)
     parts = [
-        _LogSoftmaxGather.apply(z, t, processing, sink, at)
+        _LogSoftmaxGather.apply(z, t, processing, sink, at, entropy_grad)
         for z, t, at in zip(logits.split(chunk_size), targets.split(chunk_size), range(0, logits.shape[0], chunk_size))
     ]
-    return torch.cat(parts), sink.values
+    if not entropy_grad:
+        return torch.cat(parts), sink.values
+    return torch.cat([p for p, _ in parts]), _with_entropy(stats, sink, torch.cat([e for _, e in parts]))
 
 
 def default_chunk_size(vocab_size: int) -> int:
@@ -622,6 +704,7 @@ def response_logps(
     stats=(),
     chunk_size: int | None = None,
     temperature: float = 1.0,
+    entropy_grad: bool = False,
 ) -> ResponseLogps:
     """Log-probs of every response of a prefix-shared (or paired) batch, without ``[T, V]`` logits.
 
@@ -633,11 +716,18 @@ def response_logps(
         batch: the collator's batch (``input_ids``, ``position_ids``, ``prefixshare_layout``); every key is
             passed to the model.
         per_token: also return ``token_logps`` (``[T]`` float32, with its graph).
-        stats: names from :data:`STATS` to compute per token in the same pass (float32, no gradient).
+        stats: names from :data:`STATS` to compute per token in the same pass (float32, no gradient unless
+            ``entropy_grad``).
         chunk_size: rows of the LM head per chunk; None: :func:`default_chunk_size` of the vocabulary.
         temperature: score under ``softmax(logits / temperature)`` (the processed logits, divided in float32),
             the distribution completions were sampled from in RL (TRL's GRPO and RLOO trainers do the same);
             the statistics are of that distribution too. 1.0: the model's own distribution.
+        entropy_grad: the ``entropy`` statistic (``"entropy"`` must be in ``stats``) carries its graph, like
+            ``token_logps``: ``stats["entropy"]`` ``[T]`` and ``stat_sums["entropy"]`` ``[n, K]`` float32, with the
+            exact gradient ``dH/dz = -p (log p + H)`` of the processed float32 logits ``z`` (``p = softmax(z)``),
+            still without ``[T, V]`` logits (for entropy bonuses, e.g. TRL GRPO's ``entropy_coef``). Costs one
+            more ``[chunk, V]`` float32 temporary per sub-block in backward and, with a frozen LM head, a second
+            backward of each chunk in the forward. The other statistics stay without gradient.
 
     Returns:
         :class:`~prefixshare.ResponseLogps`: ``logps`` ``[n, K]`` float32 (sums over each response) and
@@ -647,12 +737,15 @@ def response_logps(
         :meth:`~prefixshare.ResponseLogps.padded` pads per-token values to ``[n, K, max_len]`` with a mask.
 
     Raises:
-        ValueError: unknown stats, a bad ``chunk_size`` or ``temperature``, a batch whose layout does not match the hidden
+        ValueError: unknown stats, a bad ``chunk_size`` or ``temperature``, ``entropy_grad`` without ``"entropy"``
+            in ``stats``, a batch whose layout does not match the hidden
             states, a model without an LM head or whose forward calls it more than once.
         LogitProcessingMismatch: the model's forward post-processes its logits in a way prefixshare does not
             reproduce (checked once per model and dtype on two rows of the batch).
     """
     stats = _check_stats(stats)
+    if entropy_grad and "entropy" not in stats:
+        raise ValueError(f"entropy_grad=True needs 'entropy' in stats (got stats={list(stats)})")
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < math.inf:
@@ -679,12 +772,14 @@ def response_logps(
     if temperature != 1.0:
         processing = _Tempered(processing, float(temperature))
     if captured.logits is not None:
-        token_logps, token_stats = _chunked_logits_logps(captured.logits, targets, processing, chunk, stats)
+        token_logps, token_stats = _chunked_logits_logps(captured.logits, targets, processing, chunk, stats, entropy_grad)
     else:
         head_trainable = any(p.requires_grad for p in head.parameters())
         with _head_gathered(model, head, keep_gathered=torch.is_grad_enabled() and head_trainable):
-            token_logps, token_stats = fused_token_logps(head, rows, targets, processing, chunk, stats)
+            token_logps, token_stats = fused_token_logps(head, rows, targets, processing, chunk, stats, entropy_grad)
     token_logps = token_logps + captured.link
+    if token_stats.get("entropy") is not None and token_stats["entropy"].requires_grad:
+        token_stats["entropy"] = token_stats["entropy"] + captured.link  # on the forward's output, as token_logps
 
     sums = sum_per_response(token_logps, layout)
     if not (per_token or stats):

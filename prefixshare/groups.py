@@ -91,8 +91,8 @@ class CompletionLogps(NamedTuple):
     logps: float32 log p of each completion token (under ``softmax(logits / temperature)``), with its
         graph; 0.0 where ``mask`` is False.
     mask: bool, True where the row has a token.
-    stats: ``{name: [rows, completion_length] float32}`` per-token statistics (no gradient), 0.0 where ``mask``
-        is False.
+    stats: ``{name: [rows, completion_length] float32}`` per-token statistics (no gradient; the ``entropy``
+        with its graph under ``completion_logps(..., entropy_grad=True)``), 0.0 where ``mask`` is False.
     """
 
     logps: torch.Tensor
@@ -422,6 +422,7 @@ def completion_logps(
     temperature: float = 1.0,
     chunk_size: int | None = None,
     model_kwargs: Mapping[str, Any] | None = None,
+    entropy_grad: bool = False,
 ) -> CompletionLogps:
     """Per-token log-probs of every completion, in the row layout ``[rows, completion_length]``.
 
@@ -433,10 +434,13 @@ def completion_logps(
     Args:
         model: a model patched with :func:`prefixshare.patch` (or a peft/DDP/FSDP wrapper around one).
         groups: from :func:`group_completions`; its batches are moved to the model's device when needed.
-        stats: per-token statistics of :data:`prefixshare.STATS` (e.g. ``("entropy",)``), no gradient.
+        stats: per-token statistics of :data:`prefixshare.STATS` (e.g. ``("entropy",)``), no gradient unless
+            ``entropy_grad``.
         temperature: the sampling temperature the completions were drawn with (TRL's ``args.temperature``).
         chunk_size: rows of the LM head per chunk (see :func:`prefixshare.response_logps`).
         model_kwargs: extra keyword arguments of every forward (e.g. ``output_router_logits=True``).
+        entropy_grad: ``stats["entropy"]`` carries its graph (``"entropy"`` must be in ``stats``; see
+            :func:`prefixshare.response_logps`), for an entropy bonus in the loss.
 
     Returns:
         :class:`CompletionLogps`: ``logps`` ``[rows, C]`` float32 with its graph, ``mask`` ``[rows, C]`` bool and
@@ -452,7 +456,8 @@ def completion_logps(
         if device is not None and batch["input_ids"].device != device:
             batch = batch.to(device)
         inputs = {**batch, **model_kwargs} if model_kwargs else batch
-        out = response_logps(model, inputs, per_token=True, stats=stats, temperature=temperature, chunk_size=chunk_size)
+        out = response_logps(model, inputs, per_token=True, stats=stats, temperature=temperature, chunk_size=chunk_size,
+                             entropy_grad=entropy_grad)  # fmt: skip
         index = out.token_index
         rows = slot.to(out.token_logps.device)[index.example, index.response]
         # tokens of units nothing is read from (slot -1) go to a spare last entry, dropped below: no device sync

@@ -32,7 +32,8 @@ class ResponseLogps(NamedTuple):
     token_logps: ``[T]`` float32 log p of every response token (``response_logps(..., per_token=True)``),
         with its graph; None otherwise.
     token_index: :class:`TokenIndex` of those ``T`` tokens (with ``per_token`` or ``stats``); None otherwise.
-    stats: ``{name: [T] float32}`` per-token statistics (``response_logps(..., stats=...)``, no gradient).
+    stats: ``{name: [T] float32}`` per-token statistics (``response_logps(..., stats=...)``, no gradient; the
+        ``entropy`` with its graph under ``entropy_grad=True``).
     stat_sums: ``{name: [num_examples, K] float32}`` the same summed over each response.
 
     :meth:`padded` turns per-token values into the ``[num_examples, K, max_len]`` form RL losses use.

@@ -19,6 +19,7 @@ logits (test_lm_head_never_sees_more_than_a_chunk).
 from __future__ import annotations
 
 import warnings
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -193,6 +194,100 @@ def test_stats_do_not_change_the_logps_or_their_gradients():
     with_stats = logps_and_grads(model, lambda: ps.response_logps(model, batch, chunk_size=4, stats=STATS).logps)
     assert torch.equal(plain[0], with_stats[0])
     assert all(torch.equal(plain[1][n], with_stats[1][n]) for n in plain[1])
+
+
+# ---------------------------------------------------------------------------------------------- entropy_grad
+def entropy_and_grads(model, compute):
+    """``(token_logps [T], entropy [T], {parameter: grad of sum(w1 * token_logps + w2 * entropy)})`` of ``compute()``
+    on a zeroed model (fixed random w1, w2: both gradient terms matter)."""
+    model.zero_grad(set_to_none=True)
+    logps, entropy = compute()
+    w1, w2 = weights((2, *logps.shape))
+    ((w1 * logps).sum() + (w2 * entropy).sum()).backward()
+    grads = trainable_grads(model)
+    model.zero_grad(set_to_none=True)
+    return logps.detach(), entropy.detach(), grads
+
+
+def logps_and_grads_of_sum(model, compute):
+    """:func:`entropy_and_grads` without the entropies' term (``w2 = 0``)."""
+    model.zero_grad(set_to_none=True)
+    logps, entropy = compute()
+    w1, _ = weights((2, *logps.shape))
+    (w1 * logps).sum().backward()
+    grads = trainable_grads(model)
+    model.zero_grad(set_to_none=True)
+    return logps.detach(), entropy.detach(), grads
+
+
+def full_logit_entropy(model, batch, temperature):
+    """Token log-probs and entropies of ``softmax(logits / temperature)`` from the full [B, L, V] logits, by autograd."""
+    logits = model(**batch).logits
+    B, L, V = logits.shape
+    z = logits.reshape(B * L, V)[batch.layout.predictor_index].float() / temperature
+    targets = batch["input_ids"].reshape(-1)[batch.layout.target_index]
+    log_p = torch.log_softmax(z, -1)
+    return log_p.gather(-1, targets[:, None]).squeeze(-1), -(log_p.exp() * log_p).sum(-1)
+
+
+@pytest.mark.parametrize("head", ["trainable", "frozen", "gathered_per_call"])
+@pytest.mark.parametrize("architecture", ["llama", "gemma2"])
+def test_entropy_grad_equals_autograd_on_full_logits(architecture, head, monkeypatch):
+    """``entropy_grad=True``: the per-token entropies (and log-probs) and the gradient of a random weighted sum of
+    both on every trainable parameter equal plain autograd on the full logits, under a temperature, with Gemma2's
+    softcap, for each gradient path: trainable LM head (checkpointed chunks), frozen head (LoRA: gradients
+    precomputed in the forward) and [T, V] logits already built (an LM head gathered per call). Fails on the main
+    this started from (no entropy_grad: TypeError), and with the g_H term of the backward dropped."""
+    model = tiny_model(architecture).train()
+    if head == "frozen":
+        model = lora(model, "all-linear")
+    model = ps.patch(model, backend="eager")
+    if head == "gathered_per_call":
+        monkeypatch.setattr(engine, "_gathered_per_call", lambda head: "a test says so")
+    head_params = list(engine._output_embeddings(model).parameters())
+    assert any(p.requires_grad for p in head_params) == (head != "frozen")
+    batch = COLLATORS["packed"]()(random_examples(N, VOCAB, seed=22, num_responses=3))
+    temperature = 0.7
+
+    def ours():
+        out = ps.response_logps(model, batch, per_token=True, stats=("logsumexp", "entropy"), chunk_size=5,
+                                temperature=temperature, entropy_grad=True)  # fmt: skip
+        assert list(out.stats) == ["logsumexp", "entropy"] and not out.stats["logsumexp"].requires_grad
+        assert out.stats["entropy"].dtype == torch.float32 and out.stat_sums["entropy"].requires_grad
+        return out.token_logps, out.stats["entropy"]
+
+    per_call = pytest.warns(UserWarning, match="gathered on every call") if head == "gathered_per_call" else nullcontext()
+    with per_call:  # the [T, V] logits path is the one taken
+        got = entropy_and_grads(model, ours)
+    want = entropy_and_grads(model, lambda: full_logit_entropy(model, batch, temperature))
+    for name, a, b in (("token_logps", got[0], want[0]), ("entropy", got[1], want[1])):
+        assert relative_error(a, b) < TOL, (name, relative_error(a, b))
+    assert got[2].keys() == want[2].keys() and got[2]
+    for name, grad in want[2].items():
+        assert relative_error(got[2][name], grad) < TOL, (name, relative_error(got[2][name], grad))
+    # the entropies' gradient is not a rounding term: without it the gradients differ
+    _, _, logps_only = logps_and_grads_of_sum(model, lambda: full_logit_entropy(model, batch, temperature))
+    assert max(relative_error(logps_only[n], want[2][n]) for n in want[2]) > 1e-2
+
+    # no grad: the same values, without a graph (the reference's forward)
+    with torch.no_grad():
+        out = ps.response_logps(model, batch, per_token=True, stats=("entropy",), chunk_size=5, temperature=temperature,
+                                entropy_grad=True)  # fmt: skip
+    assert not out.stats["entropy"].requires_grad
+    assert relative_error(out.stats["entropy"], want[1]) < TOL
+
+
+def test_entropy_grad_leaves_the_logps_and_their_gradients_unchanged():
+    """The same log-probs (bit for bit: the forward is the same) and their gradients when the entropies are not in
+    the loss (to rounding: the backward forms ``dz`` with the entropy's term at zero)."""
+    model = ps.patch(tiny_model("gemma3").train(), backend="eager")
+    batch = COLLATORS["packed"]()(random_examples(N, VOCAB, seed=11))
+    plain = logps_and_grads(model, lambda: ps.response_logps(model, batch, chunk_size=4).logps)
+    with_grad = logps_and_grads(
+        model, lambda: ps.response_logps(model, batch, chunk_size=4, stats=STATS, entropy_grad=True).logps
+    )
+    assert torch.equal(plain[0], with_grad[0])
+    assert_same(with_grad, plain, "entropy_grad=True, entropies unused")
 
 
 def test_token_index_and_padding():
@@ -413,6 +508,8 @@ def test_bad_arguments_raise():
     batch = COLLATORS["unpacked"]()(random_examples(2, VOCAB))
     with pytest.raises(ValueError, match=r"unknown stats \['perplexity'\]"):
         ps.response_logps(model, batch, stats=("entropy", "perplexity"))
+    with pytest.raises(ValueError, match=r"entropy_grad=True needs 'entropy' in stats \(got stats=\['logsumexp'\]\)"):
+        ps.response_logps(model, batch, stats=("logsumexp",), entropy_grad=True)
     for bad in (0, -3, 2.5, True):
         with pytest.raises(ValueError, match="chunk_size must be a positive integer or None"):
             ps.response_logps(model, batch, chunk_size=bad)

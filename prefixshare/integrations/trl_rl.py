@@ -38,6 +38,8 @@ from __future__ import annotations
 import inspect
 from contextlib import nullcontext
 
+import torch
+
 from ..groups import completion_logps, group_completions
 from ..layout import LAYOUT_KEY
 from ..moe import capture_router_logits, load_balancing_loss, moe_routing
@@ -74,12 +76,6 @@ def _check_config(name: str, args) -> None:
     def unsupported(what: str, why: str) -> ValueError:
         return ValueError(f"{name} does not support {what}: {why}")
 
-    if getattr(args, "entropy_coef", 0.0) or getattr(args, "use_adaptive_entropy", False):
-        raise unsupported(
-            "the entropy bonus (entropy_coef != 0 or use_adaptive_entropy=True)",
-            "it back-propagates through the per-token entropy, which the log-prob engine returns without a gradient; "
-            "use trl.GRPOTrainer for it (top_entropy_quantile, which only masks tokens, is supported)",
-        )
     if getattr(args, "use_liger_kernel", False):
         raise unsupported("use_liger_kernel=True", "Liger's layer kernels are not verified with prefix-shared attention")
     check_compile_and_parallelism(args, unsupported)
@@ -132,6 +128,14 @@ class _PrefixShareRL(PrefixSharePatching):
         self._prefixshare_ensure_patched(self.model)
         if getattr(self, "ref_model", None) is not None:
             self._prefixshare_ensure_patched(self.ref_model)
+        # GRPO's entropy bonus (entropy_coef != 0 or use_adaptive_entropy) back-propagates through the per-token
+        # entropies: the policy's forward then returns them with their graph. Read from the config too, so that
+        # a TRL without the _entropy_bonus_enabled attribute still gets the gradient.
+        self._prefixshare_entropy_grad = bool(
+            getattr(self, "_entropy_bonus_enabled", False)
+            or getattr(self.args, "entropy_coef", 0.0)
+            or getattr(self.args, "use_adaptive_entropy", False)
+        )
 
     def _get_per_token_logps_and_entropies(
         self,
@@ -188,9 +192,10 @@ class _PrefixShareRL(PrefixSharePatching):
         counts["empty_rows"] += int((groups.completion_lengths == 0).sum())
         self._prefixshare_ensure_patched(model)
         stats = ("entropy",) if compute_entropy else ()
+        entropy_grad = compute_entropy and self._prefixshare_entropy_grad and torch.is_grad_enabled()
         with self.accelerator.autocast(), (capture_router_logits(model) if compute_aux_loss else nullcontext()) as router:
             out = completion_logps(
-                model, groups, stats=stats, temperature=self.temperature,
+                model, groups, stats=stats, temperature=self.temperature, entropy_grad=entropy_grad,
                 model_kwargs={"output_router_logits": True} if compute_aux_loss else None,
             )  # fmt: skip
         aux_loss = None
@@ -208,8 +213,8 @@ class PrefixShareGRPOTrainer(_PrefixShareRL, GRPOTrainer):
     ``prefixshare_backend`` and ``prefixshare_max_tokens_per_row`` (see the module docstring).
 
     Raises:
-        ValueError: the entropy bonus (``entropy_coef``, ``use_adaptive_entropy``), ``use_liger_kernel``,
-            ``torch_compile``, vision-language models, prompt-learning PEFT, tensor/context/sequence parallelism.
+        ValueError: ``use_liger_kernel``, ``torch_compile``, vision-language models, prompt-learning PEFT,
+            tensor/context/sequence parallelism.
         prefixshare.UnsupportedModelError: an architecture :func:`prefixshare.patch` does not support.
     """
 
