@@ -243,10 +243,20 @@ def test_collator_checks_the_images(edit, message):
         PrefixShareCollator(0)(examples)
 
 
-def test_truncating_a_prompt_with_images_is_refused():
+@pytest.mark.parametrize("truncation", ["keep_end_of_prompt", "keep_end"])
+def test_truncating_a_prompt_with_images_is_refused(truncation):
     examples = image_examples(vision_language("qwen2_5_vl"), n=1)
-    with pytest.raises(ValueError, match="example 0: .*its prompt carries images, which truncating the prompt could cut"):
-        PrefixShareCollator(0, max_length=10, truncation="keep_end_of_prompt")(examples)
+    with pytest.raises(ValueError, match=f"example 0: .*its prompt carries images, which truncation='{truncation}' "
+                       "would cut from the start"):  # fmt: skip
+        PrefixShareCollator(0, max_length=10, truncation=truncation)(examples)
+
+
+def test_truncating_only_the_responses_keeps_the_images():
+    model = vision_language("qwen2_5_vl")
+    examples = image_examples(model, n=1)
+    limit = len(examples[0]["prompt_input_ids"]) + 1
+    batch = PrefixShareCollator(0, max_length=limit, truncation="truncate_responses")(examples)
+    assert torch.equal(batch["pixel_values"], examples[0]["pixel_values"]) and batch.layout.response_lengths.max() == 1
 
 
 def test_images_of_another_width_are_refused():
