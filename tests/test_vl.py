@@ -1,6 +1,6 @@
-"""Images in prefix-shared batches (#14 item 2): Qwen2-VL / Qwen2.5-VL / Qwen3-VL style models, whose image tokens get 3D
-multimodal rotary positions (t, h, w), take prefix-shared batches with images in the prompt, each unit's images
-encoded once, exactly: log-probs and gradients (vision tower included) equal to each prompt+response run alone
+"""Images in prefix-shared batches (#14 item 2): models whose image tokens get 3D multimodal rotary positions
+(t, h, w) -- Qwen2-VL, Qwen2.5-VL, Qwen3-VL (dense and MoE), GLM-4V -- take prefix-shared batches with images in
+the prompt, each unit's images encoded once, exactly: log-probs and gradients (vision tower included) equal to each prompt+response run alone
 through the unpatched model, the model computing its own positions from ``mm_token_type_ids`` and the grids.
 
 Tiny models: 2 text layers (hidden 64, vocabulary 96, weights of std 0.1), a one-block vision tower (patch 14,
@@ -8,9 +8,9 @@ temporal patch 2, merge 2: one image token per 2x2 patches), random pixel_values
 (1, 4, 4), (1, 2, 6) and (1, 6, 2): 4, 3 and 3 image tokens that advance the text positions by 2, 3 and 3, so
 that a response restarting at the prompt's length instead of its position triple is off by a few positions.
 
-On the main this branch started from (9768d32) every test here failed: a prefix-shared forward with
-pixel_values raised UnsupportedModelError, and the collators dropped the examples' pixel_values and
-image_grid_thw silently (the bad-input tests got no error).
+On main (9e2b740, and 9768d32 where this branch started) every test here fails: a prefix-shared forward with
+pixel_values raises UnsupportedModelError, and the collators drop the examples' pixel_values and
+image_grid_thw silently (the bad-input tests get no error).
 """
 
 from __future__ import annotations
@@ -53,6 +53,8 @@ def vision_language(model_type: str, attn_implementation: str = "eager"):
         config.vision_config.deepstack_visual_indexes = [0]
     if not hasattr(config.vision_config, "out_hidden_size"):  # Qwen2-VL: the merger outputs vision hidden_size
         config.vision_config.hidden_size = config.text_config.hidden_size
+    if model_type == "glm4v":  # GLM-4V's (t, h, w) sections fill its partial rotary dims (8 of head dim 16)
+        config.text_config.rope_parameters["mrope_section"] = [4, 2, 2]
     model_class = getattr(transformers, MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES[model_type])
     torch.manual_seed(0)
     return model_class._from_config(config, attn_implementation=attn_implementation).eval()
@@ -135,7 +137,7 @@ def compare(model_type, attn_implementation, *, num_responses=2, packed=False, c
 @pytest.mark.parametrize("packed", [False, True], ids=["unpacked", "packed"])
 @pytest.mark.parametrize("num_responses", [2, 4])
 @pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
-@pytest.mark.parametrize("model_type", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("model_type", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v"])
 def test_images_in_the_prompt_are_exact(model_type, attn_implementation, num_responses, packed):
     """Log-probs and gradients of every parameter (the vision tower's too, each on its own scale) equal the runs
     alone."""
