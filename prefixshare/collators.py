@@ -178,7 +178,9 @@ def _images(example: Mapping, index: int) -> tuple[torch.Tensor | None, torch.Te
     pixels = _as_tensor(example["pixel_values"], index, "pixel_values")
     grid = _as_tensor(example["image_grid_thw"], index, "image_grid_thw")
     if grid.dim() != 2 or grid.shape[1] != 3 or grid.shape[0] < 1:
-        raise ValueError(f"example {index}: image_grid_thw must be [n_images, 3] (t, h, w per image), got shape {tuple(grid.shape)}")
+        raise ValueError(
+            f"example {index}: image_grid_thw must be [n_images, 3] (t, h, w per image), got shape {tuple(grid.shape)}"
+        )
     if grid.dtype.is_floating_point or grid.dtype.is_complex or grid.dtype == torch.bool or bool((grid < 1).any()):
         raise ValueError(f"example {index}: image_grid_thw must hold positive integers, got {grid.tolist()}")
     if pixels.dim() != 2 or not pixels.dtype.is_floating_point:
@@ -440,9 +442,8 @@ class PrefixShareCollator(_PreferenceCollator):
         units = []
         for i, ex in enumerate(examples):
             if ex.own_prompts is None:
-                units.append(
-                    UnitSpec(i, len(ex.prompt), tuple(range(len(ex.responses))), tuple(map(len, ex.responses)), ex.num_images)
-                )
+                slots, lengths = tuple(range(len(ex.responses))), tuple(map(len, ex.responses))
+                units.append(UnitSpec(i, len(ex.prompt), slots, lengths, ex.num_images))
             else:  # responses that follow different prompts (keep_end truncation) cannot share one
                 units.extend(_response_units(i, ex, range(len(ex.responses))))
         return units

@@ -81,7 +81,8 @@ def multimodal_inputs(model, kwargs: dict, layout) -> dict:
             tokens in a response; or inputs that do not come from the collator (position_ids not ``[B, L]``,
             grids that do not match the layout's units, no ``input_ids``).
     """
-    given = [k for k, v in kwargs.items() if v is not None and (k.startswith("pixel_values") or k in IMAGE_INPUTS + _OTHER_MEDIA)]
+    media = IMAGE_INPUTS + _OTHER_MEDIA
+    given = [k for k, v in kwargs.items() if v is not None and (k.startswith("pixel_values") or k in media)]
     if not given:
         return kwargs
     other = [k for k in given if k not in IMAGE_INPUTS]
@@ -153,7 +154,8 @@ def multimodal_inputs(model, kwargs: dict, layout) -> dict:
         longest = max(range(len(unit.response_lengths)), key=unit.response_lengths.__getitem__)
         # the prompt followed by its longest response: every response's positions are a prefix of that run's
         first = prompt_end + sum(unit.response_lengths[:longest])
-        sequence = torch.cat([ids[pl.row, start:prompt_end], ids[pl.row, first : first + unit.response_lengths[longest]]])
+        response = ids[pl.row, first : first + unit.response_lengths[longest]]
+        sequence = torch.cat([ids[pl.row, start:prompt_end], response])
         types = (sequence == image_token).int()
         computed, _ = owner.get_rope_index(
             input_ids=sequence[None], mm_token_type_ids=types[None], image_grid_thw=own if len(own) else None
