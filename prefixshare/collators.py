@@ -3,6 +3,9 @@
 Both take a list of examples, each a mapping with ``prompt_input_ids`` and either ``chosen_input_ids`` and
 ``rejected_input_ids`` (K = 2) or ``responses_input_ids`` (a list of K responses), not both; ids are unpadded
 lists of ints or 1-D integer tensors or numpy arrays (an optional ``<field>_attention_mask`` must be all ones).
+An example may carry the images of its prompt for a Qwen2-VL-style model: ``pixel_values`` ``[n_patches, D]`` and
+``image_grid_thw`` ``[n_images, 3]`` as the model's processor gives them, with ``prompt_input_ids`` already holding
+the expanded image tokens; the batch then carries them once per unit, in the physical order of the units.
 Both return a :class:`PrefixShareBatch` that goes straight into a model patched by
 :func:`prefixshare.patch`::
 
@@ -13,6 +16,7 @@ Both return a :class:`PrefixShareBatch` that goes straight into a model patched 
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -31,7 +35,9 @@ class PrefixShareBatch(dict):
     """The collated batch: a dict of model keyword arguments.
 
     Keys: ``input_ids`` and ``position_ids`` (``[B, L]``, long), ``prefixshare_layout``
-    (a :class:`~prefixshare.layout.PrefixShareLayout`) and ``use_cache=False``.
+    (a :class:`~prefixshare.layout.PrefixShareLayout`) and ``use_cache=False``; with images also ``pixel_values``
+    (``[n_patches, D]``, the examples' dtype) and ``image_grid_thw`` (``[n_images, 3]``, long), every unit's
+    images once, in the physical (row-major) order of the units.
     """
 
     @property
@@ -46,7 +52,8 @@ class PrefixShareBatch(dict):
 
 @dataclass
 class PreferenceExample:
-    """A validated example: token ids of one prompt and its K responses.
+    """A validated example: token ids of one prompt and its K responses, and the images of its prompt
+    (``pixel_values`` ``[n_patches, D]`` floating, ``image_grid_thw`` ``[n_images, 3]`` long) if any.
 
     ``own_prompts`` (only from ``truncation="keep_end"``): one prompt per response, when truncation cut the
     responses' sequences at different prompt tokens; such an example is laid out as one unit per response.
@@ -55,10 +62,16 @@ class PreferenceExample:
     prompt: list[int]
     responses: list[list[int]]
     own_prompts: list[list[int]] | None = None
+    pixel_values: torch.Tensor | None = None
+    image_grid_thw: torch.Tensor | None = None
 
     def prompt_of(self, response: int) -> list[int]:
         """The prompt that response ``response`` follows."""
         return self.prompt if self.own_prompts is None else self.own_prompts[response]
+
+    @property
+    def num_images(self) -> int:
+        return 0 if self.image_grid_thw is None else int(self.image_grid_thw.shape[0])
 
 
 # ---------------------------------------------------------------------------------------------- input checks
@@ -133,6 +146,57 @@ def _check_attention_mask(example: Mapping, index: int, name: str, length: int) 
         )
 
 
+IMAGE_KEYS = ("pixel_values", "image_grid_thw")
+
+
+def _as_tensor(value: Any, index: int, name: str) -> torch.Tensor:
+    if is_numpy_array(value):
+        return torch.from_numpy(value)
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (list, tuple)):
+        try:
+            return torch.tensor(value)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"example {index}: {name} is not a rectangular array of numbers ({error})") from None
+    raise ValueError(f"example {index}: {name} must be a tensor, array or nested list, got {type(value).__name__}")
+
+
+def _images(example: Mapping, index: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The prompt's ``(pixel_values, image_grid_thw)``, checked against each other, or ``(None, None)``.
+
+    ``image_grid_thw`` row ``(t, h, w)`` counts the patches of one image (``t * h * w`` rows of ``pixel_values``);
+    whether the prompt holds the matching number of image tokens needs the model (its image token and merge
+    size), so a patched forward checks that (:mod:`prefixshare.vision`).
+    """
+    given = [k for k in IMAGE_KEYS if example.get(k) is not None]
+    if not given:
+        return None, None
+    if len(given) == 1:
+        missing = next(k for k in IMAGE_KEYS if k not in given)
+        raise ValueError(f"example {index}: has {given[0]} but no {missing}; give both for the images of its prompt")
+    pixels = _as_tensor(example["pixel_values"], index, "pixel_values")
+    grid = _as_tensor(example["image_grid_thw"], index, "image_grid_thw")
+    if grid.dim() != 2 or grid.shape[1] != 3 or grid.shape[0] < 1:
+        raise ValueError(
+            f"example {index}: image_grid_thw must be [n_images, 3] (t, h, w per image), got shape {tuple(grid.shape)}"
+        )
+    if grid.dtype.is_floating_point or grid.dtype.is_complex or grid.dtype == torch.bool or bool((grid < 1).any()):
+        raise ValueError(f"example {index}: image_grid_thw must hold positive integers, got {grid.tolist()}")
+    if pixels.dim() != 2 or not pixels.dtype.is_floating_point:
+        raise ValueError(
+            f"example {index}: pixel_values must be a 2-D floating [n_patches, D] tensor (the processor's flattened "
+            f"patches), got shape {tuple(pixels.shape)} and dtype {pixels.dtype}"
+        )
+    patches = int(grid.prod(-1).sum())
+    if pixels.shape[0] != patches:
+        raise ValueError(
+            f"example {index}: pixel_values has {pixels.shape[0]} patches (rows) but image_grid_thw {grid.tolist()} "
+            f"gives {patches} (the sum of t * h * w)"
+        )
+    return pixels, grid.long()
+
+
 def normalize_example(example: Any, index: int) -> PreferenceExample:
     """Check one input example and return its ids; raise ValueError naming ``index`` and the problem."""
     if not isinstance(example, Mapping):
@@ -175,7 +239,8 @@ def normalize_example(example: Any, index: int) -> PreferenceExample:
     for k, r in enumerate(responses):
         if not r:
             raise ValueError(f"example {index}: response {k} is empty")
-    return PreferenceExample(prompt, responses)
+    pixel_values, image_grid_thw = _images(example, index)
+    return PreferenceExample(prompt, responses, pixel_values=pixel_values, image_grid_thw=image_grid_thw)
 
 
 def _truncate(ex: PreferenceExample, index: int, max_length: int | None, mode: str | None) -> PreferenceExample:
@@ -191,18 +256,23 @@ def _truncate(ex: PreferenceExample, index: int, max_length: int | None, mode: s
             f"example {index}: {what}; pass truncation='keep_end_of_prompt', 'truncate_responses' or 'keep_end' to "
             "shorten it"
         )
+    if ex.num_images and mode != "truncate_responses":  # the cut could split an image's tokens from its pixels
+        raise ValueError(
+            f"example {index}: {what}, and its prompt carries images, which truncation={mode!r} would cut from the "
+            "start; shorten it before collating or use truncation='truncate_responses'"
+        )
     if mode == "keep_end":
         return _keep_end(ex, index, max_length, what)
     if mode == "keep_end_of_prompt":
         keep = max_length - longest
         if keep < 1:
             raise ValueError(f"example {index}: {what}, and no prompt token would remain after truncating the prompt")
-        return PreferenceExample(ex.prompt[-keep:], ex.responses)
+        return dataclasses.replace(ex, prompt=ex.prompt[-keep:])
     # truncate_responses
     keep = max_length - len(ex.prompt)
     if keep < 1:
         raise ValueError(f"example {index}: {what}, and no response token would remain after truncating responses")
-    return PreferenceExample(ex.prompt, [r[:keep] for r in ex.responses])
+    return dataclasses.replace(ex, responses=[r[:keep] for r in ex.responses])
 
 
 def _keep_end(ex: PreferenceExample, index: int, max_length: int, what: str) -> PreferenceExample:
@@ -311,7 +381,29 @@ class _PreferenceCollator:
             input_ids=input_ids,
             position_ids=layout.position_ids,
             use_cache=False,
+            **self._images(checked, placements),
             **{LAYOUT_KEY: layout},
+        )
+
+    @staticmethod
+    def _images(checked: Sequence[PreferenceExample], placements) -> dict:
+        """``pixel_values`` and ``image_grid_thw`` of every unit's prompt, once per unit, in the physical order of the
+        units (row by row, left to right): the order in which the model fills the image tokens of ``input_ids``."""
+        with_images = [i for i, ex in enumerate(checked) if ex.num_images]
+        if not with_images:
+            return {}
+        width = checked[with_images[0]].pixel_values.shape[1]
+        for i in with_images:
+            if checked[i].pixel_values.shape[1] != width:
+                raise ValueError(
+                    f"example {i}: pixel_values rows have {checked[i].pixel_values.shape[1]} features but example "
+                    f"{with_images[0]}'s have {width}; every image of a batch comes from the same processor"
+                )
+        ordered = [checked[pl.unit.example] for pl in sorted(placements, key=lambda pl: (pl.row, pl.offset))]
+        ordered = [ex for ex in ordered if ex.num_images]
+        return dict(
+            pixel_values=torch.cat([ex.pixel_values for ex in ordered]),
+            image_grid_thw=torch.cat([ex.image_grid_thw for ex in ordered]),
         )
 
     def _rows(self, units: list[UnitSpec]) -> list[list[int]]:
@@ -350,7 +442,8 @@ class PrefixShareCollator(_PreferenceCollator):
         units = []
         for i, ex in enumerate(examples):
             if ex.own_prompts is None:
-                units.append(UnitSpec(i, len(ex.prompt), tuple(range(len(ex.responses))), tuple(map(len, ex.responses))))
+                slots, lengths = tuple(range(len(ex.responses))), tuple(map(len, ex.responses))
+                units.append(UnitSpec(i, len(ex.prompt), slots, lengths, ex.num_images))
             else:  # responses that follow different prompts (keep_end truncation) cannot share one
                 units.extend(_response_units(i, ex, range(len(ex.responses))))
         return units
@@ -372,4 +465,4 @@ class PairedCollator(_PreferenceCollator):
 
 def _response_units(index: int, ex: PreferenceExample, responses) -> list[UnitSpec]:
     """One ``[prompt | response k]`` unit per response of ``responses``: the paired format."""
-    return [UnitSpec(index, len(ex.prompt_of(k)), (k,), (len(ex.responses[k]),)) for k in responses]
+    return [UnitSpec(index, len(ex.prompt_of(k)), (k,), (len(ex.responses[k]),), ex.num_images) for k in responses]

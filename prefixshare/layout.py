@@ -43,12 +43,15 @@ class UnitSpec:
         response_slots: which responses of the example this unit holds, in physical order
             (prefix sharing: ``(0, 1, ..., K-1)``; paired format: a single slot).
         response_lengths: the length of each of those responses (each >= 1).
+        num_images: images in the prompt; their rows of the batch's ``image_grid_thw`` follow those of the units
+            physically before this one (row-major), as the model fills image tokens (:mod:`prefixshare.vision`).
     """
 
     example: int
     prompt_length: int
     response_slots: tuple[int, ...]
     response_lengths: tuple[int, ...]
+    num_images: int = 0
 
     @property
     def length(self) -> int:

@@ -50,6 +50,7 @@ from .structure import (
     token_mixing_problems,
     unwrap_model,
 )
+from .vision import multimodal_inputs
 
 # short, filter-safe codes: transformers 5.x matches implementation names by substring ("sdpa", "flash", ...)
 _CODES = {
@@ -332,17 +333,21 @@ def _enter_forward(module, args, kwargs):
     layout = kwargs.get(LAYOUT_KEY)
     record = _ACTIVE.get()
     opened = token = None
+    checked = kwargs
     if layout is not None:
         # check before any state is set: a refused call must leave no record behind (the exit hook of a
         # forward whose pre-hook raised may not run, and a stale record would drop later forwards' masks)
         if record is None or record.layout.origin is not layout.origin:
-            _check_forward_kwargs(module, kwargs, layout)
+            checked = _check_forward_kwargs(module, kwargs, layout)
             record = opened = _ForwardRecord(layout, inputs_checked=True)
             token = _ACTIVE.set(record)
         elif not record.inputs_checked:
-            _check_forward_kwargs(module, kwargs, layout)
+            checked = _check_forward_kwargs(module, kwargs, layout)
             record.inputs_checked = True
     _STACK.set(_STACK.get() + ((module, opened, token),))
+    if checked is not kwargs:  # a batch with images: its 3D positions (prefixshare.vision)
+        return args, checked
+    return None
 
 
 def _exit_forward(module, args, kwargs, output):
@@ -362,7 +367,8 @@ def _exit_forward(module, args, kwargs, output):
     _stamp(output, opened.layout)
 
 
-def _check_forward_kwargs(module, kwargs, layout) -> None:
+def _check_forward_kwargs(module, kwargs, layout) -> dict:
+    """Refuse keyword arguments a prefix-shared forward cannot take; return them, completed for images."""
     if kwargs.get("labels") is not None:
         raise ValueError(
             "prefixshare: do not pass labels= with a prefix-shared batch (the model would shift them across "
@@ -378,33 +384,9 @@ def _check_forward_kwargs(module, kwargs, layout) -> None:
             raise ValueError(f"prefixshare: {key} of shape {tuple(value.shape)} does not match the layout {layout.shape}")
     if kwargs.get("position_ids") is None:
         raise ValueError("prefixshare: pass the batch's position_ids (model(**batch) does)")
-    _refuse_multimodal_inputs(module, kwargs)
     _check_vocabulary(module, kwargs.get("input_ids"), layout)
-
-
-# inputs of a vision or audio tower: their tokens sit in the prompt, computed by rules of their own
-_MULTIMODAL_INPUTS = ("image_grid_thw", "video_grid_thw", "input_features", "image_sizes", "input_values", "audio_values")
-
-
-def _refuse_multimodal_inputs(module, kwargs) -> None:
-    """Refuse images, videos or audio in a prefix-shared forward.
-
-    Their tokens do not follow the layout's rule: Gemma 3's image tokens attend to each other in both directions
-    (its own mask), Qwen2-VL-style models give them 3D multimodal rotary positions (t, h, w) and number the text
-    after them from the largest, so that a response would have to restart at the prompt's position triple, not
-    at its length. The layout applies neither, so the numbers would be wrong: refused. (Text-only batches through
-    these models are exact; images go through the paired format, unpatched.)
-    """
-    given = [k for k, v in kwargs.items() if v is not None and (k.startswith("pixel_values") or k in _MULTIMODAL_INPUTS)]
-    if given:
-        raise UnsupportedModelError(
-            f"prefixshare: a prefix-shared batch for {type(unwrap_model(module)).__name__} carries {', '.join(given)}: "
-            "images, videos and audio are not supported in prefix-shared batches. Their tokens follow rules of their "
-            "own that the layout does not apply (Gemma 3's image tokens attend to each other both ways; Qwen2-VL-style "
-            "models give them 3D rotary positions, so a response would restart at the prompt's position triple, not "
-            "at its length). Train such examples in the paired format (PairedCollator without packing, through the "
-            "unpatched forward), or keep the batches text-only."
-        )
+    # images: 3D rotary positions per unit (Qwen2-VL style), or refused; videos and audio: refused
+    return multimodal_inputs(module, kwargs, layout)
 
 
 def _check_vocabulary(module, input_ids, layout) -> None:

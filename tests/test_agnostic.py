@@ -256,13 +256,3 @@ def test_multimodal_rotary_decoders_are_exact_on_text(model_type):
     reference = _vision_language(model_type)
     model = patch(copy.deepcopy(reference))
     exact(reference, model, seed=5, gradient_floor=1.0)
-
-
-@pytest.mark.parametrize("model_type", ["qwen2_5_vl", "gemma3"])
-def test_images_in_a_prefix_shared_batch_are_refused(model_type):
-    """Image tokens follow rules the layout does not apply (Qwen's 3D positions, Gemma 3's bidirectional image
-    blocks): a prefix-shared batch with pixel_values is refused before the forward runs."""
-    model = patch(_vision_language(model_type))
-    batch = PrefixShareCollator(0)(random_examples(2, 90, seed=6))
-    with pytest.raises(UnsupportedModelError, match="carries pixel_values.*images, videos and audio are not supported"):
-        model(**batch, pixel_values=torch.zeros(4, 8))

@@ -52,8 +52,23 @@ def random_examples(
     return examples
 
 
+def _images_alone(model, ex, ids: torch.Tensor) -> dict:
+    """The image inputs of one prompt+response run alone, as the model's processor gives them: the prompt's
+    ``pixel_values`` and ``image_grid_thw``, and ``mm_token_type_ids`` (1 at image tokens), from which the model
+    computes its own 3D rotary positions."""
+    if ex.pixel_values is None:
+        return {}
+    image_token = getattr(getattr(model, "config", None), "image_token_id", None)
+    return dict(
+        pixel_values=ex.pixel_values.to(ids.device),
+        image_grid_thw=ex.image_grid_thw.to(ids.device),
+        mm_token_type_ids=(ids == image_token).int(),
+    )
+
+
 def logps_alone(model, examples: Sequence) -> torch.Tensor:
-    """``[n, K]`` float32: every prompt+response run on its own (batch of one, no padding) through ``model``."""
+    """``[n, K]`` float32: every prompt+response run on its own (batch of one, no padding) through ``model``,
+    with the prompt's images if the example carries them."""
     device = next(model.parameters()).device
     rows = []
     for i, example in enumerate(examples):
@@ -61,7 +76,7 @@ def logps_alone(model, examples: Sequence) -> torch.Tensor:
         row = []
         for k, response in enumerate(ex.responses):
             ids = torch.tensor([ex.prompt_of(k) + response], device=device)
-            logits = model(input_ids=ids, use_cache=False).logits[0]
+            logits = model(input_ids=ids, use_cache=False, **_images_alone(model, ex, ids)).logits[0]
             p = len(ex.prompt_of(k))
             row.append(token_logps(logits[p - 1 : -1], ids[0, p:]).sum())
         rows.append(torch.stack(row))
