@@ -290,9 +290,8 @@ def _keep_end(ex: PreferenceExample, index: int, max_length: int, what: str) -> 
         prompt_length = max(len(kept) - len(response), 1)
         prompts.append(kept[:prompt_length])
         responses.append(kept[prompt_length:])
-    if all(p == prompts[0] for p in prompts):
-        return PreferenceExample(prompts[0], responses)
-    return PreferenceExample(prompts[0], responses, own_prompts=prompts)
+    shared = all(p == prompts[0] for p in prompts)
+    return dataclasses.replace(ex, prompt=prompts[0], responses=responses, own_prompts=None if shared else prompts)
 
 
 # ---------------------------------------------------------------------------------------------- collators

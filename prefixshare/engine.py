@@ -772,7 +772,9 @@ def response_logps(
     if temperature != 1.0:
         processing = _Tempered(processing, float(temperature))
     if captured.logits is not None:
-        token_logps, token_stats = _chunked_logits_logps(captured.logits, targets, processing, chunk, stats, entropy_grad)
+        token_logps, token_stats = _chunked_logits_logps(
+            captured.logits, targets, processing, chunk, stats, entropy_grad
+        )
     else:
         head_trainable = any(p.requires_grad for p in head.parameters())
         with _head_gathered(model, head, keep_gathered=torch.is_grad_enabled() and head_trainable):

@@ -366,9 +366,11 @@ def group_completions(
         # format (a loss without a graph would fail in backward, and ranks would skip a forward).
         pieces, forwards = [((pad_token_id,), [], 0)], [[0]]
     built = [
-        _build_batch([pieces[p] for p in members], completions, lengths, pad_token_id, max_tokens_per_row, pad_to_multiple_of)
+        _build_batch(
+            [pieces[p] for p in members], completions, lengths, pad_token_id, max_tokens_per_row, pad_to_multiple_of
+        )
         for members in forwards
-    ]  # fmt: skip
+    ]
     batches, slots, weights = zip(*built)
     return CompletionGroups(batches, slots, N, C, torch.tensor(lengths, dtype=torch.long), num_prompts, weights)
 
@@ -476,10 +478,6 @@ def completion_logps(
         for name, v in stat_values.items()
     }
     return CompletionLogps(logps, groups.mask(flat.device), scattered)
-
-
-def _names(stats) -> tuple[str, ...]:
-    return (stats,) if isinstance(stats, str) else tuple(stats)
 
 
 def _model_device(model) -> torch.device | None:

@@ -75,7 +75,7 @@ from .trl_common import (
     is_prompt_learning,
     paired_tokens_per_row,
 )
-from trl import DPOConfig, DPOTrainer  # after .trl_common, which says how to install TRL if it is missing
+from trl import DPOConfig, DPOTrainer  # after .trl_common: it says how to install TRL
 
 __all__ = [
     "PrefixShareDPOCollator",
@@ -359,7 +359,8 @@ class PrefixShareDPOTrainer(PrefixSharePatching, DPOTrainer):
     prefix-shared batch (``generate()``, your own evaluation) run the original attention.
 
     Raises:
-        ValueError: an option prefix sharing does not cover (``use_liger_kernel``, ``torch_compile``, ``include_for_metrics=['inputs']``, a data collator of another kind, vision-language
+        ValueError: an option prefix sharing does not cover (``use_liger_kernel``, ``torch_compile``,
+            ``include_for_metrics=['inputs']``, a data collator of another kind, vision-language
             models, prompt-learning PEFT, tensor/context/sequence parallelism, ``accelerator_config.dispatch_batches=
             True``), or one trl.DPOTrainer accepts but fails on mid-training (``use_weighting`` with ``sft``,
             ``label_smoothing`` out of a loss's range). See docs/trl.md.

@@ -44,7 +44,7 @@ from .trl_common import (
     is_prompt_learning,
     paired_tokens_per_row,
 )
-from trl import RewardConfig, RewardTrainer  # after .trl_common, which says how to install TRL if it is missing
+from trl import RewardConfig, RewardTrainer  # after .trl_common: it says how to install TRL
 
 __all__ = ["PrefixShareRewardCollator", "PrefixShareRewardTrainer"]
 

@@ -44,7 +44,7 @@ from ..groups import completion_logps, group_completions
 from ..layout import LAYOUT_KEY
 from ..moe import capture_router_logits, load_balancing_loss, moe_routing
 from .trl_common import PrefixSharePatching, bind_trainer_arguments, check_compile_and_parallelism, is_prompt_learning
-from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer  # after .trl_common, which says how to install TRL if it is missing
+from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer  # after .trl_common: it says how to install TRL
 
 __all__ = ["PrefixShareGRPOTrainer", "PrefixShareRLOOTrainer"]
 
@@ -193,7 +193,8 @@ class _PrefixShareRL(PrefixSharePatching):
         self._prefixshare_ensure_patched(model)
         stats = ("entropy",) if compute_entropy else ()
         entropy_grad = compute_entropy and self._prefixshare_entropy_grad and torch.is_grad_enabled()
-        with self.accelerator.autocast(), (capture_router_logits(model) if compute_aux_loss else nullcontext()) as router:
+        router_capture = capture_router_logits(model) if compute_aux_loss else nullcontext()
+        with self.accelerator.autocast(), router_capture as router:
             out = completion_logps(
                 model, groups, stats=stats, temperature=self.temperature, entropy_grad=entropy_grad,
                 model_kwargs={"output_router_logits": True} if compute_aux_loss else None,
