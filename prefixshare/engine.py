@@ -50,6 +50,7 @@ from ._compat import text_config
 from .layout import input_ids_of, layout_of
 from .logps import ResponseLogps, sum_per_response, token_index_of
 from .patch import expect_layout_applied
+from .precision import autocast_as, autocast_dtype
 from .structure import unwrap_model
 
 __all__ = ["STATS", "LogitProcessing", "ResponseLogps", "logit_processing", "response_logps"]
@@ -260,6 +261,7 @@ class _Captured(NamedTuple):
     probe_raw: torch.Tensor | None  # [1, P, V] the LM head's output for the probe rows inside the forward
     probe_returned: torch.Tensor | None  # [1, P, V] the forward's logits for them
     key: tuple | None  # the self-check key, when a probe ran
+    autocast: torch.dtype | None  # the autocast dtype the forward called its LM head under (None: autocast off)
 
 
 def _forward_to_head(model, batch, head: torch.nn.Module, processing: LogitProcessing, whole: bool) -> _Captured:
@@ -288,6 +290,10 @@ def _forward_to_head(model, batch, head: torch.nn.Module, processing: LogitProce
         B, L, H = hidden.shape
         rows = hidden.reshape(B * L, H).index_select(0, layout.to(hidden.device).predictor_index)
         state["rows"] = rows
+        # accelerate (mixed precision) turns autocast on inside the model's own forward: the engine's LM head
+        # calls, made after it, must run under the same state to compute the model's numbers (fp16 weights with
+        # float32 hidden states would not even multiply outside it)
+        state["autocast"] = autocast_dtype(hidden.device)
         key = _verification_key(processing, hidden.dtype)
         state["probe"] = probe = 0 if _is_verified(model, key) else min(_PROBE_ROWS, rows.shape[0])
         if probe:
@@ -330,7 +336,7 @@ def _forward_to_head(model, batch, head: torch.nn.Module, processing: LogitProce
     if link is None:
         link = state["rows"].new_zeros((), dtype=torch.float32)
     probe = (state.get("probe_raw"), logits, state["key"]) if "key" in state else (None, None, None)
-    return _Captured(state["rows"], state.get("logits"), link, *probe)
+    return _Captured(state["rows"], state.get("logits"), link, *probe, state["autocast"])
 
 
 def _gathered_per_call(head: torch.nn.Module) -> str | None:
@@ -777,7 +783,9 @@ def response_logps(
         )
     else:
         head_trainable = any(p.requires_grad for p in head.parameters())
-        with _head_gathered(model, head, keep_gathered=torch.is_grad_enabled() and head_trainable):
+        with _head_gathered(model, head, keep_gathered=torch.is_grad_enabled() and head_trainable), autocast_as(
+            rows.device, captured.autocast
+        ):
             token_logps, token_stats = fused_token_logps(head, rows, targets, processing, chunk, stats, entropy_grad)
     token_logps = token_logps + captured.link
     if token_stats.get("entropy") is not None and token_stats["entropy"].requires_grad:
