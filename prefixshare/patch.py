@@ -41,6 +41,7 @@ from ._compat import (
 from .architectures import UnsupportedModelError
 from .backends import BACKENDS, FEATURES
 from .layout import LAYOUT_KEY
+from .precision import autocast_dtype
 from .structure import (
     attention_features,
     attention_problems,
@@ -74,7 +75,7 @@ _REGISTERED: dict[str, tuple[str, str]] = {}
 _STAMP = "_prefixshare_layout_origin"
 
 # module attribute: what patch() verified with the self-check (the backend name), kept through pickling
-_VERIFIED = "_prefixshare_verified_backend"
+_VERIFIED = "_prefixshare_verified"  # the set of _check_key()s the self-check passed for this model
 
 
 class LayoutNotAppliedError(RuntimeError):
@@ -544,7 +545,10 @@ def patch(model, backend: str | None = None, *, allow_unverified: bool | None = 
             responses through the patched model, prefix-shared and packed, against each prompt+response
             alone through the original attention, log-probs and the gradients of one attention layer (and of
             every parameter an attention module holds itself, such as sinks), in the model's own dtype and
-            device. ``None`` (default): once per model and backend. ``True``: always. ``False``: never (an
+            device, judged at the precision the forward computes in (autocast included; it runs under
+            ``torch.no_grad()`` and ``inference_mode`` too). ``None`` (default): once per model, backend,
+            parameter dtype and device type, and autocast state at the call (``patch`` again after
+            ``model.to(torch.bfloat16)`` or under another autocast checks again). ``True``: always. ``False``: never (an
             explicit opt-out; the structural checks and the per-call checks still run). A mismatch leaves the
             model unpatched and raises. Cost: about six tiny forward passes (sequences of <= 20 tokens) and one
             backward pass (40 ms for a tiny Llama on one CPU thread); on a GPU with ``flex_attention``, also
@@ -599,13 +603,13 @@ def patch(model, backend: str | None = None, *, allow_unverified: bool | None = 
             module.register_forward_pre_hook(_enter_forward, with_kwargs=True)
             module.register_forward_hook(_exit_forward, with_kwargs=True, always_call=True)
 
-    checked = ",".join(sorted({chosen for _, chosen, _ in choices}))
-    wanted = verify or (verify is None and inner.__dict__.get(_VERIFIED) != checked)
+    checked = _check_key(inner, {chosen for _, chosen, _ in choices})
+    wanted = verify or (verify is None and checked not in inner.__dict__.get(_VERIFIED, ()))
     if wanted and not _self_check_skipped(model):
         from .selfcheck import SelfCheckError, self_check
 
         try:
-            self_check(inner)
+            self_check(inner, kernels={name for _, chosen, kernel in choices for name in (chosen, kernel)})
         except Exception as error:
             for config, name in previous:
                 set_attn_implementation(config, name)
@@ -624,8 +628,16 @@ def patch(model, backend: str | None = None, *, allow_unverified: bool | None = 
                 f"prefixshare self-check failed on {type(inner).__name__}: its prefix-shared forward raised "
                 f"{type(error).__name__}: {error}. The model is left unpatched."
             ) from error
-        inner.__dict__[_VERIFIED] = checked
+        inner.__dict__.setdefault(_VERIFIED, set()).add(checked)
     return model
+
+
+def _check_key(inner, backends) -> tuple:
+    """What a self-check result holds for: the backends, the parameters' dtype and device type, and the autocast
+    dtype in force where ``patch`` is called (a TRL drop-in patches inside the trainer's autocast). ``patch`` runs
+    the self-check again for a key it has not passed (after ``model.to(torch.bfloat16)``, under autocast)."""
+    weight = inner.get_input_embeddings().weight
+    return tuple(sorted(backends)), weight.dtype, weight.device.type, autocast_dtype(weight.device)
 
 
 def _remove_hooks(model) -> None:

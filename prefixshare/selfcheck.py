@@ -9,6 +9,14 @@ token mixer hidden inside an MLP, a feature a kernel would ignore. Per-token log
 gradients of one attention layer's parameters and of every parameter held directly by an attention module
 (an attention-sink vector that a kernel ignored would get no gradient). It runs in eval mode (no dropout)
 on the model's own device and dtype and leaves parameters, gradients and modes as it found them.
+
+The tolerance follows the precision the probe's forwards actually compute in: the coarser of the parameters'
+dtype and the autocast dtype in force inside the forward (accelerate's and the HF Trainer's mixed precision,
+``bf16=True`` in TRL's configs, run float32 models under bfloat16 autocast). The comparison itself is made in
+float64 for float64 models (a float32 copy would add float32 rounding, ~1e-7, to both sides). Under
+``torch.no_grad()`` or ``torch.inference_mode()`` (a reference model's first forward) the gradient step still runs,
+with gradients enabled inside the probe; only a model whose parameters were created under inference mode
+cannot be differentiated, and the result says so (``gradients_not_checked``).
 """
 
 from __future__ import annotations
@@ -18,13 +26,17 @@ import contextlib
 import torch
 
 from .architectures import UnsupportedModelError
+from .backends import SOFTMAX_IN_FLOAT32
 from .collators import PrefixShareCollator
+from .precision import autocast_dtype, coarsest
 from .structure import eval_mode, text_attention_modules, unwrap_model
 
-# normwise relative error allowed between the prefix-shared and the alone run, by the model's dtype: the two
-# runs sum in different orders (different shapes), nothing more; a leak between responses is far larger
-# (measured on the tiny models, CPU: float32 2e-7, bfloat16 2e-3, float16 0 for log-probs; gradients of one
-# attention layer float32 2e-6, bfloat16 2e-2, float16 3e-3)
+# normwise relative error allowed between the prefix-shared and the alone run, by the dtype the forward computes
+# in (the parameters', or autocast's when coarser): the two runs sum in different orders (different shapes),
+# nothing more; a leak between responses is far larger (measured on the tiny models, CPU: float32 2e-7,
+# bfloat16 2e-3, float16 0 for log-probs; gradients of one attention layer float32 2e-6, bfloat16 2e-2, float16
+# 3e-3; float32 weights under bfloat16 autocast, Llama of hidden 256 x 4 layers: 5.9e-4 / 9e-3; float64
+# with initializer_range 0.2: see the float64 test in tests/test_selfcheck.py)
 TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 GRADIENT_TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-6, torch.bfloat16: 1e-1, torch.float16: 2e-2}
 
@@ -37,6 +49,11 @@ _SHAPES = ((5, (3, 6)), (1, (4, 2)), (9, (1, 5)))
 
 class SelfCheckError(UnsupportedModelError):
     """The patched model's numbers differ from the plain model's on the self-check's probe."""
+
+
+def _wide(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` in float32, or float64 if it is float64: the comparisons add no rounding of their own."""
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
 
 
 def gradient_error(grads: dict, reference: dict, *, floor: float = 0.0) -> tuple[float, str | None]:
@@ -56,7 +73,7 @@ def gradient_error(grads: dict, reference: dict, *, floor: float = 0.0) -> tuple
             return float("inf"), key
         denominator = max(float(ref.detach().abs().max()) if ref.numel() else 0.0, floor * scale,
                           torch.finfo(torch.float32).tiny)  # fmt: skip
-        error = float((grads[key].detach().float() - ref.detach().float()).abs().max()) / denominator
+        error = float((_wide(grads[key].detach()) - _wide(ref.detach())).abs().max()) / denominator
         if not error < worst:  # (NaN wins)
             worst, name = error, key
     return worst, name
@@ -96,11 +113,11 @@ def _shared_values(model, batch) -> torch.Tensor:
     order = torch.sort(layout.response_index, stable=True).indices
     if not _has_lm_head(model):
         hidden = model(**batch, output_hidden_states=True).hidden_states[-1]
-        return hidden.reshape(-1, hidden.shape[-1])[layout.target_index][order].float()
+        return _wide(hidden.reshape(-1, hidden.shape[-1])[layout.target_index][order])
     logits = model(**batch).logits
     flat = logits.reshape(-1, logits.shape[-1])
     targets = input_ids.reshape(-1)[layout.target_index]
-    values = torch.log_softmax(flat[layout.predictor_index].float(), -1).gather(-1, targets[:, None])[:, 0]
+    values = torch.log_softmax(_wide(flat[layout.predictor_index]), -1).gather(-1, targets[:, None])[:, 0]
     return values[order]
 
 
@@ -112,10 +129,10 @@ def _alone_values(model, examples, device) -> torch.Tensor:
         for response in example["responses_input_ids"]:
             ids = torch.tensor([prompt + response], device=device)
             if not _has_lm_head(model):
-                values.append(model(input_ids=ids, use_cache=False, output_hidden_states=True).hidden_states[-1][0, len(prompt) :].float())
+                values.append(_wide(model(input_ids=ids, use_cache=False, output_hidden_states=True).hidden_states[-1][0, len(prompt) :]))
                 continue
             logits = model(input_ids=ids, use_cache=False).logits[0]
-            values.append(torch.log_softmax(logits[len(prompt) - 1 : -1].float(), -1).gather(-1, ids[0, len(prompt) :, None])[:, 0])
+            values.append(torch.log_softmax(_wide(logits[len(prompt) - 1 : -1]), -1).gather(-1, ids[0, len(prompt) :, None])[:, 0])
     return torch.cat(values)
 
 
@@ -125,7 +142,7 @@ def _finite_parts(value: torch.Tensor, reference: torch.Tensor) -> tuple[torch.T
     A diverged model (a nan weight) gives nan in both runs at the same places: that is no difference of the
     layout, so only the finite entries are compared.
     """
-    value, reference = value.detach().float(), reference.detach().float()
+    value, reference = _wide(value.detach()), _wide(reference.detach())
     finite = torch.isfinite(reference)
     same = (value == reference) | (value.isnan() & reference.isnan()) | finite
     if not bool(same.all()) or not bool((torch.isfinite(value) == finite).all()):
@@ -185,85 +202,140 @@ _BNB_CPU_BF16_SWITCH = "support_avx512bf16_for_cpu"
 
 @contextlib.contextmanager
 def _bitsandbytes_default_path(model):
-    switched = [m for m in model.modules() if getattr(m, _BNB_CPU_BF16_SWITCH, False) is True]
-    for module in switched:
+    # (truthy, not True: bitsandbytes 0.50.2 stores has_avx512bf16()'s int 1 there on such CPUs)
+    switched = [(m, getattr(m, _BNB_CPU_BF16_SWITCH)) for m in model.modules() if getattr(m, _BNB_CPU_BF16_SWITCH, False)]
+    for module, _ in switched:
         setattr(module, _BNB_CPU_BF16_SWITCH, False)
     try:
         yield
     finally:
-        for module in switched:
-            setattr(module, _BNB_CPU_BF16_SWITCH, True)
+        for module, value in switched:
+            setattr(module, _BNB_CPU_BF16_SWITCH, value)
 
 
-def self_check(model, *, seed: int = 0) -> dict[str, float]:
+@contextlib.contextmanager
+def _observed_autocast(model, device):
+    """Yield a set that collects the autocast dtype (None: off) in force inside each forward of ``model``, read
+    at its first attention module: accelerate turns autocast on inside the wrapped ``forward`` itself."""
+    seen: set = set()
+    modules = text_attention_modules(model)[:1] or [model.get_input_embeddings()]
+    handles = [m.register_forward_pre_hook(lambda module, args: seen.add(autocast_dtype(device))) for m in modules]
+    try:
+        yield seen
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _precision(dtype: torch.dtype, autocast: set, kernels) -> tuple[torch.dtype, str]:
+    """The dtype the probe computed in (the coarsest of the parameters', autocast's and, for a kernel with a
+    float32 softmax, float32), and its description."""
+    used = sorted({str(d).removeprefix("torch.") for d in autocast if d is not None})
+    described = str(dtype) + (f" under {'/'.join(used)} autocast" if used else "")
+    softmax = torch.float32 if set(kernels) & SOFTMAX_IN_FLOAT32 else None
+    computed = coarsest([dtype, *autocast, softmax])
+    if computed != coarsest([dtype, *autocast]):
+        described += f", {str(softmax).removeprefix('torch.')} softmax in {'/'.join(sorted(set(kernels) & SOFTMAX_IN_FLOAT32))}"
+    return computed, described
+
+
+def self_check(model, *, seed: int = 0, kernels=()) -> dict[str, float | str]:
     """Compare a patched ``model`` with itself unpatched on random prompts; raise :class:`SelfCheckError` if
-    they differ. Returns the errors measured (``logps``, ``gradients``) for the record.
+    they differ. Returns the errors measured (``logps``, ``logps_packed``, ``gradients``) for the record, the
+    precision they were judged at (``precision``), and ``gradients_not_checked`` (why) where the gradients could
+    not be computed.
 
-    ``model`` must already be patched (its hooks and attention implementation set); it is left as it was.
+    ``model`` must already be patched (its hooks and attention implementation set); it is left as it was. It may
+    be called under ``torch.autocast`` (the tolerance follows), ``torch.no_grad()`` or ``torch.inference_mode()``
+    (gradients are enabled inside the probe). ``kernels``: the attention implementations the two sides run (the
+    patched backend and the model's own), for the precision they compute in.
     """
     inner = unwrap_model(model)
     embeddings = inner.get_input_embeddings()
     device = embeddings.weight.device
     dtype = embeddings.weight.dtype if embeddings.weight.is_floating_point() else torch.float32
-    tolerance, gradient_tolerance = TOLERANCE.get(dtype, 2e-2), GRADIENT_TOLERANCE.get(dtype, 1e-1)
     examples = _probe_examples(inner, seed)
     longest = max(p + sum(r) for p, r in _SHAPES)
-    errors: dict[str, float] = {}
+    errors: dict[str, float | str] = {}
     parameters = _checked_parameters(inner)
     distributed = any(type(p).__name__ == "DTensor" for _, p in parameters)
-    with eval_mode(inner), _bitsandbytes_default_path(inner):
+    name = type(inner).__name__
+    with eval_mode(inner), _bitsandbytes_default_path(inner), _observed_autocast(inner, device) as autocast:
         with torch.no_grad():
             alone = _alone_values(inner, examples, device)
         for rows in (None, longest * len(examples)):
             batch = PrefixShareCollator(0, max_tokens_per_row=rows)(examples).to(device)
             with torch.no_grad():
                 shared = _shared_values(inner, batch)
+            compute, described = _precision(dtype, autocast, kernels)
+            tolerance = TOLERANCE.get(compute, 2e-2)
             error = _relative_error(shared, alone)
             errors["logps" if rows is None else "logps_packed"] = error
             if not error <= tolerance:
                 _refuse_position_handling(inner, device, error)
             if not error <= tolerance:  # (NaN fails too)
                 raise SelfCheckError(
-                    f"prefixshare self-check failed on {type(inner).__name__} ({dtype}): the prefix-shared "
+                    f"prefixshare self-check failed on {name} ({described}): the prefix-shared "
                     f"{'packed ' if rows else ''}batch's log-probs differ from each prompt+response run alone by "
                     f"{error:.3g} (normwise relative; allowed {tolerance:g}). The model is left unpatched: it does "
                     "something a prefix-shared batch does not reproduce: positions taken from something other than "
                     "the position_ids it is given (the token's index in the row), an attention parameter or feature "
                     "the kernels ignore, or tokens mixing outside attention. Try another backend, or report it."
                 )
-        if parameters and not distributed:
-            tensors = [p for _, p in parameters]
-            batch = PrefixShareCollator(0, max_tokens_per_row=longest * len(examples))(examples).to(device)
-            weights = torch.randn(len(alone), generator=torch.Generator().manual_seed(seed + 1)).to(device)
-            try:
-                shared = _shared_values(inner, batch)
-            except NotImplementedError as error:
-                if "no backward pass on CPU" not in str(error):
-                    raise
-                return errors  # FlexAttention on CPU runs forward only: its gradients cannot be computed here
-            weights = weights.view(-1, *[1] * (shared.dim() - 1))
-            got = torch.autograd.grad((shared * weights).sum(), tensors, allow_unused=True)
-            want = torch.autograd.grad((_alone_values(inner, examples, device) * weights).sum(), tensors, allow_unused=True)
-            # each parameter on the larger of its own scale and a tenth of the largest gradient entry (see
-            # prefixshare.testing.gradient_error: a key bias's true gradient is zero, its computed one noise)
-            missing = [name for (name, _), g, w in zip(parameters, got, want) if w is not None and g is None]
-            if missing:
-                raise SelfCheckError(
-                    f"prefixshare self-check failed on {type(inner).__name__} ({dtype}): the gradient of {missing[0]} "
-                    "is missing in the prefix-shared forward (the kernel ignores that parameter). The model is left "
-                    "unpatched."
-                )
-            pairs = {n: _finite_parts(g, w) for (n, _), g, w in zip(parameters, got, want) if w is not None}
-            different = [n for n, parts in pairs.items() if parts is None]
-            worst, name = (float("inf"), different[0]) if different else gradient_error(
-                {n: parts[0] for n, parts in pairs.items()}, {n: parts[1] for n, parts in pairs.items()},
-                floor=GRADIENT_FLOOR,
+        if parameters and not distributed and any(p.is_inference() for _, p in parameters):
+            errors["gradients_not_checked"] = (
+                "the parameters were created under torch.inference_mode() and cannot be differentiated"
             )
-            if not worst <= gradient_tolerance:
-                raise SelfCheckError(
-                    f"prefixshare self-check failed on {type(inner).__name__} ({dtype}): the gradient of {name} "
-                    f"differs from the runs alone by {worst:.3g} (allowed {gradient_tolerance:g}). The model is left "
-                    "unpatched."
-                )
-            errors["gradients"] = worst
+        elif parameters and not distributed:
+            # (under no_grad / inference_mode, a reference model's first forward: the probe needs its own graph)
+            with torch.inference_mode(False), torch.enable_grad():
+                gradients = _gradient_error(inner, parameters, examples, device, seed, len(alone))
+            if gradients is None:
+                errors["gradients_not_checked"] = "FlexAttention on CPU runs forward only"
+            else:
+                worst, worst_name = gradients
+                compute, described = _precision(dtype, autocast, kernels)
+                gradient_tolerance = GRADIENT_TOLERANCE.get(compute, 1e-1)
+                if not worst <= gradient_tolerance:
+                    raise SelfCheckError(
+                        f"prefixshare self-check failed on {name} ({described}): the gradient of {worst_name} "
+                        f"differs from the runs alone by {worst:.3g} (allowed {gradient_tolerance:g}). The model is "
+                        "left unpatched."
+                    )
+                errors["gradients"] = worst
+    errors["precision"] = _precision(dtype, autocast, kernels)[1]
     return errors
+
+
+def _gradient_error(inner, parameters, examples, device, seed: int, count: int) -> tuple[float, str] | None:
+    """The worst gradient error of ``parameters`` (and its name) between the packed prefix-shared batch and the
+    runs alone, under a random weighting of the ``count`` compared values; None where the backward cannot run
+    (FlexAttention on CPU). Raises :class:`SelfCheckError` for a gradient the prefix-shared forward lacks."""
+    tensors = [p for _, p in parameters]
+    longest = max(p + sum(r) for p, r in _SHAPES)
+    batch = PrefixShareCollator(0, max_tokens_per_row=longest * len(examples))(examples).to(device)
+    weights = torch.randn(count, generator=torch.Generator().manual_seed(seed + 1)).to(device)
+    try:
+        shared = _shared_values(inner, batch)
+    except NotImplementedError as error:
+        if "no backward pass on CPU" not in str(error):
+            raise
+        return None  # FlexAttention on CPU runs forward only: its gradients cannot be computed here
+    weights = weights.view(-1, *[1] * (shared.dim() - 1))
+    got = torch.autograd.grad((shared * weights).sum(), tensors, allow_unused=True)
+    want = torch.autograd.grad((_alone_values(inner, examples, device) * weights).sum(), tensors, allow_unused=True)
+    # each parameter on the larger of its own scale and a tenth of the largest gradient entry (see
+    # gradient_error: a key bias's true gradient is zero, its computed one noise)
+    missing = [name for (name, _), g, w in zip(parameters, got, want) if w is not None and g is None]
+    if missing:
+        raise SelfCheckError(
+            f"prefixshare self-check failed on {type(inner).__name__}: the gradient of {missing[0]} is missing in the "
+            "prefix-shared forward (the kernel ignores that parameter). The model is left unpatched."
+        )
+    pairs = {n: _finite_parts(g, w) for (n, _), g, w in zip(parameters, got, want) if w is not None}
+    different = [n for n, parts in pairs.items() if parts is None]
+    if different:
+        return float("inf"), different[0]
+    return gradient_error(
+        {n: parts[0] for n, parts in pairs.items()}, {n: parts[1] for n, parts in pairs.items()}, floor=GRADIENT_FLOOR
+    )

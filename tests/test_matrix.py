@@ -288,7 +288,7 @@ def test_breadth_fails_a_leaky_rule(monkeypatch, model_type):
         pytest.skip(f"transformers has no {model_type} here")
     import prefixshare.selfcheck
 
-    monkeypatch.setattr(prefixshare.selfcheck, "self_check", lambda model: {})
+    monkeypatch.setattr(prefixshare.selfcheck, "self_check", lambda model, **options: {})
     with rm.leaky_layout():
         result = rm.check_architecture(model_type, rm.Settings(device="cpu"), lora=False)
     assert result.status == rm.FAIL, result.reason
