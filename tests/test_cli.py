@@ -190,3 +190,18 @@ def test_python_dash_m_prefixshare_runs_the_cli():
     result = subprocess.run([sys.executable, "-m", "prefixshare", "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "bench" in result.stdout and "stats" in result.stdout
+
+
+def test_bench_self_check_mode_counts_what_the_probe_runs(tmp_path, capsys):
+    code = cli.main(["bench", "--self-check", "--shape", "test", "--backends", "sdpa,flex_attention", "--repeats", "1",
+                     "--out-dir", str(tmp_path)])  # fmt: skip
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "| test | 0.09M | sdpa | float32 |" in out
+    rows = json.loads((tmp_path / "selfcheck-cpu.json").read_text())
+    by_backend = {r["backend"]: r for r in rows}
+    # 6 runs alone + 2 prefix-shared (no grad), then 1 prefix-shared + 6 alone with grad; FlexAttention on CPU has
+    # no backward, so its probe stops after the forwards
+    assert (by_backend["sdpa"]["forwards"], by_backend["sdpa"]["backwards"]) == (15, 7)
+    assert (by_backend["flex_attention"]["forwards"], by_backend["flex_attention"]["backwards"]) == (9, 0)
+    assert by_backend["flex_attention"]["compiled_graphs"] >= 0 and by_backend["sdpa"]["compiled_graphs"] is None

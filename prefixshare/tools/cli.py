@@ -41,6 +41,8 @@ def _bench(args) -> int:
         return _bench_memory(args, device)
     if args.groups:
         return _bench_groups(args, device)
+    if args.self_check:
+        return _bench_self_check(args, device)
     dtype, shape = _model_options(args, device)
     backends = args.backends.split(",") if args.backends else bench.available_backends(device)
     n = args.examples_per_step * (args.steps + 1)
@@ -66,6 +68,19 @@ def _bench(args) -> int:
     )
     name = f"bench-{result.device.split(':')[0]}-{shape}{'-rm' if args.reward_model else ''}{'-lora' if args.lora else ''}"
     return _report(args, bench.format_table(result), bench.save, result, name, suffixes=(".json", ".png"))
+
+
+def _bench_self_check(args, device: str) -> int:
+    import torch
+
+    from . import bench_selfcheck
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype or "float32"]
+    shapes = [args.shape] if args.shape else ["test", "tiny"]
+    backends = args.backends.split(",") if args.backends else ["eager", "sdpa", "flex_attention"]
+    results = bench_selfcheck.measure(shapes, backends, dtype=dtype, device=device, repeats=args.repeats)
+    table = bench_selfcheck.format_table(results, device)
+    return _report(args, table, bench_selfcheck.save, results, f"selfcheck-{device}")
 
 
 def _ints(text: str, option: str) -> list[int]:
@@ -176,7 +191,8 @@ def main(argv=None) -> int:
     b.add_argument("--tokenizer", help="tokenizer directory or SentencePiece .model file")
     b.add_argument("--backends", help="comma-separated: eager,sdpa,varlen,flex_attention (default: eager,sdpa on CPU; "
                    "sdpa,flex_attention and, where a CUDA varlen kernel is installed, varlen on GPU)")
-    b.add_argument("--shape", choices=["tiny", "1b", "8b"], help="model shape (default: tiny on CPU, 1b on GPU)")
+    b.add_argument("--shape", choices=["test", "tiny", "1b", "8b"],
+                   help="model shape (default: tiny on CPU, 1b on GPU; test: the test suite's tiny Llama, --self-check only)")
     b.add_argument("--dtype", choices=["float32", "bfloat16"])
     b.add_argument("--device")
     b.add_argument("--lora", action="store_true", help="train LoRA adapters (r=16 on attention projections)")
@@ -215,6 +231,12 @@ def main(argv=None) -> int:
     m.add_argument("--threads", type=int, help="OMP_NUM_THREADS of the cells' processes (--groups: torch's intra-op "
                    "threads; 1 keeps a busy shared machine from stalling OpenMP barriers)")
     m.add_argument("--chunk-size", type=int, help="the engine's rows per chunk (default: from the vocabulary size)")
+    c = b.add_argument_group(
+        "self-check mode", "--self-check: what patch()'s self-check costs (time, forwards, backward passes, graphs "
+        "compiled), per model shape (default: test,tiny) and backend (default: eager,sdpa,flex_attention); "
+        "--repeats rounds after a warm-up"
+    )
+    c.add_argument("--self-check", action="store_true", help="run the self-check cost mode")
     b.set_defaults(run=_bench)
 
     s = sub.add_parser("stats", help="token counts per format and the predicted speedup of a preference dataset "
