@@ -524,6 +524,49 @@ def test_model_given_by_name_with_model_init_kwargs_matches_trl(tokenizer, tmp_p
         assert a["num_tokens"] == b["num_tokens"]
 
 
+# TRL's default precision (bf16=True: accelerate runs float32 weights under bfloat16 autocast), float16 weights as
+# TRL's own test_train_model_dtype loads them, and the reference precomputed under no_grad by a model TRL loads
+# (its first forward, hence the patch and its self-check, under torch.no_grad()). Each failed before the self-check
+# followed the forward's precision and grad mode, and the engine ran its LM head under the forward's autocast:
+# SelfCheckError (bf16), "expected m1 and m2 to have the same dtype" (float16), "element 0 of tensors does not
+# require grad" (precompute).
+PRECISION_CASES = {
+    "bf16=True float32 weights": dict(args=dict(bf16=True)),
+    "bf16=True float16 weights": dict(args=dict(bf16=True, model_init_kwargs={"dtype": "float16"})),
+    "precompute_ref_log_probs": dict(args=dict(precompute_ref_log_probs=True, model_init_kwargs={"dtype": "float32"})),
+    "bf16=True precompute_ref_log_probs": dict(args=dict(bf16=True, precompute_ref_log_probs=True)),
+}
+
+
+@pytest.mark.parametrize("case", list(PRECISION_CASES))
+def test_trl_default_precision_and_no_grad_reference_match_trl(tokenizer, tmp_path, case):
+    path = tmp_path / "tiny-llama"
+    tiny_model("llama", vocab_size=len(tokenizer)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    options = PRECISION_CASES[case]["args"]
+    logs = {}
+    for cls in (DPOTrainer, PrefixShareDPOTrainer):
+        trainer = cls(
+            model=str(path), args=config(tmp_path / cls.__name__, **options), train_dataset=dataset(ROWS, cls.__name__)
+        )
+        trainer.train()
+        logs[cls] = [e for e in trainer.state.log_history if "loss" in e and "train_runtime" not in e]
+    assert is_patched(trainer.model)
+    assert len(logs[DPOTrainer]) == len(logs[PrefixShareDPOTrainer]) == 3
+    # float32: the bounds of every other comparison here; bfloat16 autocast or float16 weights: their rounding
+    # (bfloat16's epsilon is 3.9e-3), as for the bfloat16 weights above
+    low = options.get("bf16") or "dtype" in options.get("model_init_kwargs", {}) and options["model_init_kwargs"]["dtype"] != "float32"
+    rel, abs_ = (2e-2, 2e-2) if low else (RTOL, ATOL)
+    # float16 weights: AdamW's updates land on float16's grid (a step of lr 1e-3 is the size of a weight's rounding),
+    # so a rounding difference in step 2 moves weights by whole grid steps and step 3 drifts in both directions
+    # (seen: margins 0.417 vs 0.471 while steps 1 and 2 agree to 5e-4, step 1's grad_norm exactly): steps 1-2 only
+    steps = 2 if options.get("model_init_kwargs", {}).get("dtype") == "float16" else 3
+    for step, (a, b) in enumerate(zip(logs[PrefixShareDPOTrainer][:steps], logs[DPOTrainer][:steps]), 1):
+        for key in ("loss", "logps/chosen", "logps/rejected", "rewards/margins", "entropy"):
+            assert math.isfinite(a[key]) and a[key] == pytest.approx(b[key], rel=rel, abs=abs_), (step, key, a[key], b[key])
+        assert a["num_tokens"] == b["num_tokens"]
+
+
 # A template that renders tools, tool calls and an optional kwarg, in the toy tokenizer's characters
 TOOL_TEMPLATE = (
     "{{ bos_token }}{% if style %}[{{ style }}]{% endif %}"

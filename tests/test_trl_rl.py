@@ -238,6 +238,30 @@ def test_rloo_matches_trl(case, tokenizer, model_dir, tmp_path):
     compare(RLOOTrainer, PrefixShareRLOOTrainer, tokenizer, model_dir, tmp_path, **RLOO_CASES[case])
 
 
+# ---------------------------------------------------------------------------------------------- TRL's default precision
+@pytest.mark.parametrize(
+    "base, ours, options",
+    [
+        (GRPOTrainer, PrefixShareGRPOTrainer, dict(beta=0.1)),
+        (RLOOTrainer, PrefixShareRLOOTrainer, dict(beta=0.05)),
+    ],
+    ids=["grpo-beta", "rloo-beta"],
+)
+def test_bf16_true_with_float32_weights_matches_trl(base, ours, options, tokenizer, model_dir, tmp_path):
+    """TRL's configs default to bf16=True: accelerate runs the float32 policy and reference under bfloat16 autocast.
+    Failed before the self-check followed the forward's precision (SelfCheckError at the first step). Both
+    trainers compute in bfloat16 here, so they agree within its rounding (epsilon 3.9e-3), not float32's."""
+    theirs, their_completions, _ = train(base, tokenizer, model_dir, tmp_path, bf16=True, **options)
+    mine, my_completions, trainer = train(ours, tokenizer, model_dir, tmp_path, bf16=True, **options)
+    assert my_completions == their_completions
+    assert is_patched(trainer.accelerator.unwrap_model(trainer.model))
+    assert len(mine) == len(theirs) == 3
+    for step, (a, b) in enumerate(zip(mine, theirs), 1):
+        assert set(a) == set(b)
+        for key in ("loss", "kl", "entropy", "reward"):
+            assert math.isfinite(a[key]) and a[key] == pytest.approx(b[key], rel=2e-2, abs=2e-2), (step, key, a[key], b[key])
+
+
 # ---------------------------------------------------------------------------------------------- MoE
 @pytest.mark.parametrize(
     "base, ours, options",
