@@ -45,6 +45,7 @@ from .precision import autocast_dtype
 from .structure import (
     attention_features,
     attention_problems,
+    learned_position_table,
     mask_only_window,
     text_attention_modules,
     text_model_type,
@@ -386,8 +387,35 @@ def _check_forward_kwargs(module, kwargs, layout) -> dict:
     if kwargs.get("position_ids") is None:
         raise ValueError("prefixshare: pass the batch's position_ids (model(**batch) does)")
     _check_vocabulary(module, kwargs.get("input_ids"), layout)
+    _check_position_limit(module, layout)
     # images: 3D rotary positions per unit (Qwen2-VL style), or refused; videos and audio: refused
     return multimodal_inputs(module, kwargs, layout)
+
+
+_POSITION_TABLES: "weakref.WeakKeyDictionary[torch.nn.Module, tuple | None]" = weakref.WeakKeyDictionary()
+
+
+def _check_position_limit(module, layout) -> None:
+    """A position past a learned position table fails inside torch with an IndexError that names nothing (the plain
+    model fails the same way): name the limit and the unit. Units restart responses at the prompt's length, so the
+    limit bounds prompt + longest response, not the packed row."""
+    if module not in _POSITION_TABLES:  # (the structure does not change once patched)
+        _POSITION_TABLES[module] = learned_position_table(module)
+    table = _POSITION_TABLES[module]
+    if table is None:
+        return
+    name, limit = table
+    for placement in layout.placements:
+        unit = placement.unit
+        longest = unit.prompt_length + max(unit.response_lengths, default=0)
+        if longest > limit:
+            raise ValueError(
+                f"prefixshare: example {unit.example} (row {placement.row}) needs {longest} positions (prompt "
+                f"{unit.prompt_length} + longest response {max(unit.response_lengths)} tokens), but "
+                f"{type(unwrap_model(module)).__name__}'s learned position table ({name}) has "
+                f"max_position_embeddings={limit}; truncate the examples (the collators' max_length) to at most "
+                f"{limit} tokens per prompt+response"
+            )
 
 
 def _check_vocabulary(module, input_ids, layout) -> None:

@@ -273,3 +273,20 @@ def attention_problems(model) -> list[str]:
             f"{' and '.join(ATTENTION_LAYER_TYPES)} layers"
         )
     return lines
+
+
+def learned_position_table(model) -> tuple[str, int] | None:
+    """``(module name, max_position_embeddings)`` of a learned absolute position table (GPT-2's ``wpe``, OPT's
+    offset table): an ``nn.Embedding`` other than the token embeddings with ``max_position_embeddings`` rows (up
+    to 2 more, OPT's offset). Positions at or past the limit index past it (an IndexError that names nothing);
+    rotary models have no such table and None is returned."""
+    inner = unwrap_model(model)
+    limit = getattr(text_config(inner.config), "max_position_embeddings", None)
+    get = getattr(inner, "get_input_embeddings", None)
+    tokens = get() if callable(get) else None
+    if not isinstance(limit, int) or limit <= 0:
+        return None
+    for name, module in inner.named_modules():
+        if isinstance(module, nn.Embedding) and module is not tokens and limit <= module.num_embeddings <= limit + 2:
+            return name, limit
+    return None

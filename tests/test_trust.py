@@ -314,3 +314,16 @@ def test_a_refused_forward_leaves_later_forwards_unchanged():
             batch = batch_of(13)
             model(**batch, labels=batch["input_ids"])
         assert torch.equal(model(input_ids=ids).logits, before)
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "opt"])
+def test_a_unit_past_a_learned_position_table_names_the_limit(model_type):
+    """GPT-2 with n_positions=32 given 35 positions raised a bare IndexError (as the plain model does)."""
+    from prefixshare.testing import tiny_model_of
+
+    model = patch(tiny_model_of(model_type, n_positions=32, max_position_embeddings=32))
+    fits = [dict(prompt_input_ids=list(range(3, 23)), chosen_input_ids=list(range(3, 15)), rejected_input_ids=[5, 6])]
+    model(**PrefixShareCollator(PAD)(fits))  # 32 positions: the table's last row; the packed row is longer
+    long = [dict(prompt_input_ids=list(range(3, 23)), chosen_input_ids=list(range(3, 18)), rejected_input_ids=[5, 6])]
+    with pytest.raises(ValueError, match=r"example 0 \(row 0\) needs 35 positions .*max_position_embeddings=32"):
+        model(**PrefixShareCollator(PAD)(long))
