@@ -205,3 +205,61 @@ def test_bench_self_check_mode_counts_what_the_probe_runs(tmp_path, capsys):
     assert (by_backend["sdpa"]["forwards"], by_backend["sdpa"]["backwards"]) == (15, 7)
     assert (by_backend["flex_attention"]["forwards"], by_backend["flex_attention"]["backwards"]) == (9, 0)
     assert by_backend["flex_attention"]["compiled_graphs"] >= 0 and by_backend["sdpa"]["compiled_graphs"] is None
+
+
+def test_bench_memory_prediction_covers_a_cells_peak(tmp_path):
+    """The prediction that decides which cells run (bench.predicted_peak_bytes) against the peak resident memory of a
+    process that runs one cell: the eager paired-native cell, the largest of a profile (the default bench was killed
+    by the kernel at 21.9 GB on it, with no warning)."""
+    import subprocess
+    import sys
+
+    script = """
+import resource, sys, torch
+torch.set_num_threads(1)
+from prefixshare.tools import bench
+ex = bench.examples_from_lengths(bench.synthetic_lengths("capybara", 8, seed=0, scale=0.25), 8192)
+batches = [ex[:4], ex[4:]]
+longest = max(len(e["prompt_input_ids"]) + len(e["chosen_input_ids"]) + len(e["rejected_input_ids"]) for e in ex)
+collator = bench.collators_for(longest)["paired-native"]
+predicted = max(bench.predicted_peak_bytes("tiny", collator(b), "paired-native", "eager", torch.float32) for b in batches)
+model = bench.build_model("tiny", "eager", torch.float32, "cpu", False)
+bench.time_format(model, collator, batches, "cpu", native=True)
+print(predicted / (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    ratio = float(out.stdout.split()[-1])
+    assert 1.0 <= ratio <= 3.0, ratio  # never below the real peak; not so far above that it skips cells that fit
+
+
+def test_bench_skips_what_would_not_fit_and_logs_each_cell(tmp_path, capsys):
+    # a limit between the predictions of the smallest cell (shared-packed) and the largest (paired-native, whose
+    # [B, L, V] logits dominate) of this profile
+    examples = bench.examples_from_lengths(bench.synthetic_lengths("ultrafeedback", 4, seed=0, scale=0.25), 8192)
+    predicted = {
+        fmt: max(bench.predicted_peak_bytes("tiny", bench.collators_for(10**6)[fmt](examples[i : i + 2]), fmt, "sdpa",
+                                            torch.float32) for i in (0, 2))
+        for fmt in ("paired-native", "shared-packed")
+    }  # fmt: skip
+    assert predicted["paired-native"] > predicted["shared-packed"]
+    limit = (predicted["paired-native"] + predicted["shared-packed"]) / 2 / 2**30
+    code = cli.main(["bench", "--profiles", "ultrafeedback", "--backends", "sdpa", "--examples-per-step", "2",
+                     "--steps", "1", "--memory-limit-gb", f"{limit:.4f}", "--out-dir", str(tmp_path), "--name", "b"])  # fmt: skip
+    assert code == 0
+    captured = capsys.readouterr()
+    lines = [json.loads(line) for line in (tmp_path / "b.jsonl").read_text().splitlines()]
+    assert len(lines) == len(bench.FORMATS)  # one line per cell, written as each finished
+    kinds = {line["format"]: line["kind"] for line in lines}
+    assert kinds["paired-native"] == "skipped" and kinds["shared-packed"] == "measurement", kinds
+    assert "predicted peak" in captured.out and "not run" in captured.out
+    assert "ultrafeedback sdpa paired-native: not run: predicted peak" in captured.err
+
+
+def test_bench_stops_at_its_time_budget(tmp_path, capsys):
+    code = cli.main(["bench", "--profiles", "hh-rlhf", "--backends", "sdpa", "--examples-per-step", "2", "--steps", "1",
+                     "--time-budget", "0", "--out-dir", str(tmp_path), "--name", "b"])  # fmt: skip
+    assert code == 0
+    lines = [json.loads(line) for line in (tmp_path / "b.jsonl").read_text().splitlines()]
+    assert [line["kind"] for line in lines] == ["skipped"] * len(bench.FORMATS)
+    assert "time budget of 0 s spent" in capsys.readouterr().out

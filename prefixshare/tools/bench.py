@@ -24,6 +24,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
+import time
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -131,6 +133,11 @@ class BenchResult(RunInfo):
     ideal: dict = field(default_factory=dict)
     # cells that ran out of device memory: {"profile", "backend", "format", "error"}
     out_of_memory: list[dict] = field(default_factory=list)
+    # cells not run: {"profile", "backend", "format", "reason"} (predicted past the memory limit, or past the time
+    # budget)
+    skipped: list[dict] = field(default_factory=list)
+    memory_limit_gb: float | None = None
+    time_budget_s: float | None = None
     reward_model: bool = False  # a sequence-classification model trained on its rewards (no LM head)
 
     def ratios(self):
@@ -229,6 +236,57 @@ def time_format(
     return elapsed, peak, step_sizes([[batch] for batch in timed])  # one batch a step
 
 
+# ---------------------------------------------------------------------------------------------- what a cell needs
+def predicted_peak_bytes(
+    shape: str, batch, fmt: str, backend: str, dtype: torch.dtype, lora: bool = False, reward_model: bool = False
+) -> int:
+    """A conservative estimate of a cell's peak memory for one forward+backward of ``batch`` (``[B, L]``): weights,
+    gradients and Adam-free state, the activations autograd keeps per layer, the attention scores a dense kernel
+    keeps (eager: scores and float32 probabilities; sdpa: the dense mask), the masks, and the vocabulary logits
+    (paired-native builds ``[B, L, V]`` logits, their float32 log-softmax and its gradient; the engine one chunk).
+
+    Against the peak resident memory of a process running one cell (CPU, tiny shape, capybara at length scale 0.5:
+    tests/test_cli.py::test_bench_memory_prediction_covers_a_cells_peak checks one such cell): 0.8x (shared-packed,
+    sdpa, 1.6 GB) to 1.8x (paired-native and paired-packed, eager, 4.7 and 7.5 GB): what it is for is skipping the
+    cells that would not fit instead of being killed by the kernel, never the other way round."""
+    config = MODEL_SHAPES[shape]
+    hidden, inter, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    heads, vocab = config["num_attention_heads"], config["vocab_size"]
+    size = torch.finfo(dtype).bits // 8
+    B, L = batch["input_ids"].shape
+    tokens = B * L
+    parameters = layers * (4 * hidden * hidden + 3 * hidden * inter) + 2 * vocab * hidden
+    weights = parameters * size * (1 if lora else 2)  # (full fine-tuning: a gradient per weight)
+    activations = layers * tokens * (12 * hidden + 4 * inter) * size
+    square = B * L * L
+    if backend == "eager":
+        attention = layers * square * heads * (2 * size + 4)
+    else:
+        attention = square * heads * 4 if fmt == "paired-native" and backend == "sdpa" else 0  # the math path's scores
+    masks = square * (size + 1)
+    if reward_model:
+        logits = tokens * 4
+    elif fmt == "paired-native":
+        logits = tokens * vocab * (size + 8)
+    else:
+        logits = min(batch.layout.num_tokens, 1024) * vocab * 16
+    return int(weights + activations + attention + masks + logits + 400 * 2**20)  # (the process itself)
+
+
+def available_memory_bytes(device: str) -> int:
+    """What a cell may use: on CUDA the device's total memory, elsewhere MemAvailable now (Linux), else the total."""
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_properties(torch.device(device)).total_memory
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def available_backends(device: str) -> list[str]:
     """Backends that train (forward and backward) at speed on ``device``.
 
@@ -255,13 +313,33 @@ def run_bench(
     budget: int | None = None,
     progress: bool = True,
     reward_model: bool = False,
+    memory_limit_gb: float | None = None,
+    time_budget_s: float | None = None,
+    on_cell=None,
 ) -> BenchResult:
     """Measure every (profile, backend, format); ``profiles`` maps a name to its examples. ``reward_model``: a
-    sequence-classification model trained on its rewards instead of a causal LM on its log-probs."""
+    sequence-classification model trained on its rewards instead of a causal LM on its log-probs.
+
+    ``memory_limit_gb``: skip a cell whose :func:`predicted_peak_bytes` exceeds it (None: 80% of
+    :func:`available_memory_bytes` at the start), saying so in ``result.skipped``. ``time_budget_s``: run no cell
+    once this many seconds have passed (the cells left are listed as skipped). ``on_cell(kind, record)``: called
+    after each cell with ``"measurement"``, ``"out_of_memory"`` or ``"skipped"`` and its dict (the CLI appends it to
+    a JSON-lines file, so that a run stopped at any point keeps what it finished)."""
+    started = time.perf_counter()
+    if memory_limit_gb is None:
+        memory_limit_gb = round(0.8 * available_memory_bytes(device) / 2**30, 1)
     result = BenchResult(
         **run_fields(device, shape, dtype, lora), gradient_checkpointing=gradient_checkpointing,
         examples_per_step=examples_per_step, steps=steps, reward_model=reward_model,
+        memory_limit_gb=memory_limit_gb, time_budget_s=time_budget_s,
     )
+
+    def report(kind: str, record: dict) -> None:
+        getattr(result, {"measurement": "measurements", "out_of_memory": "out_of_memory", "skipped": "skipped"}[kind]).append(
+            Measurement(**record) if kind == "measurement" else record
+        )
+        if on_cell is not None:
+            on_cell(kind, record)
     # per profile, once: the step batches, the packing budget, and the ideal speedup of exactly those examples
     plans = {}
     for profile, examples in profiles.items():
@@ -280,6 +358,17 @@ def run_bench(
     for profile, backend, fmt in bar:
         bar.set_postfix_str(f"{profile} {backend} {fmt}")
         batches, collators = plans[profile]
+        cell = dict(profile=profile, backend=backend, format=fmt)
+        if time_budget_s is not None and time.perf_counter() - started > time_budget_s:
+            report("skipped", cell | dict(reason=f"time budget of {time_budget_s:.0f} s spent"))
+            continue
+        peak = max(predicted_peak_bytes(shape, collators[fmt](b), fmt, backend, dtype, lora, reward_model) for b in batches)
+        if peak > memory_limit_gb * 2**30:
+            report("skipped", cell | dict(
+                reason=f"predicted peak {peak / 2**30:.1f} GB > limit {memory_limit_gb:g} GB (--memory-limit-gb; "
+                "--length-scale or --examples-per-step lower it)"
+            ))  # fmt: skip
+            continue
         if backend not in models:
             models.clear()  # one model in memory at a time
             models[backend] = build_model(shape, backend, dtype, device, lora, gradient_checkpointing, reward_model)
@@ -290,11 +379,11 @@ def run_bench(
         except torch.cuda.OutOfMemoryError as error:  # one format too large for the device: report it, go on
             models[backend].zero_grad(set_to_none=True)
             torch.cuda.empty_cache()
-            result.out_of_memory.append(dict(profile=profile, backend=backend, format=fmt, error=str(error).split("\n")[0]))
+            report("out_of_memory", cell | dict(error=str(error).split("\n")[0]))
             continue
-        result.measurements.append(
-            Measurement(profile, backend, fmt, examples_per_step / step_s, step_s, peak, **sizes)
-        )
+        report("measurement", asdict(Measurement(
+            profile, backend, fmt, examples_per_step / step_s, step_s, peak, **sizes
+        )))  # fmt: skip
     return result
 
 
@@ -313,12 +402,15 @@ def format_table(result: BenchResult) -> str:
     for m in result.measurements:
         by_key.setdefault((m.profile, m.backend), {})[m.format] = m
     failed = {(f["profile"], f["backend"], f["format"]) for f in result.out_of_memory}
-    for f in result.out_of_memory:
+    for f in result.out_of_memory + result.skipped:
         by_key.setdefault((f["profile"], f["backend"]), {})
+    skipped = {(f["profile"], f["backend"], f["format"]) for f in result.skipped}
 
     def cell(profile, backend, fmt, row, r):
         if (profile, backend, fmt) in failed:
             return "out of memory"
+        if (profile, backend, fmt) in skipped:
+            return "not run"
         if fmt not in row:
             return "-"
         ratio = f" ({r[fmt]:.2f}x)" if fmt in r else ""  # no ratio where every paired format ran out of memory
@@ -340,6 +432,8 @@ def format_table(result: BenchResult) -> str:
                 for f in FORMATS) + " |")
     lines += ["", "(x) = samples/s over the best paired format of the same profile and backend; ideal = paired "
               "real tokens / shared real tokens."]
+    if result.skipped:
+        lines += ["", "Not run:"] + [f"- {c['profile']} {c['backend']} {c['format']}: {c['reason']}" for c in result.skipped]
     return "\n".join(lines)
 
 

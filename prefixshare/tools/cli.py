@@ -44,6 +44,14 @@ def _bench(args) -> int:
     if args.self_check:
         return _bench_self_check(args, device)
     dtype, shape = _model_options(args, device)
+    if args.length_scale is None:
+        # the paper's lengths (a median of 1160 tokens for capybara) need minutes per cell and tens of GB on a CPU
+        args.length_scale = 1.0 if device.startswith("cuda") else CPU_LENGTH_SCALE
+        if not device.startswith("cuda"):
+            print(f"prefixshare bench: on {device} the profiles' lengths are scaled by {CPU_LENGTH_SCALE} "
+                  "(--length-scale 1.0 for the paper's)", file=sys.stderr)  # fmt: skip
+    if args.time_budget is None and not device.startswith("cuda"):
+        args.time_budget = CPU_TIME_BUDGET_S
     backends = args.backends.split(",") if args.backends else bench.available_backends(device)
     n = args.examples_per_step * (args.steps + 1)
     vocab = bench.MODEL_SHAPES[shape]["vocab_size"]
@@ -60,13 +68,14 @@ def _bench(args) -> int:
         tokenizer = _load_tokenizer(args.tokenizer)
         for path in args.data:
             profiles[os.path.basename(path)] = bench.examples_from_file(path, tokenizer, n, vocab)
+    name = f"bench-{device.split(':')[0]}-{shape}{'-rm' if args.reward_model else ''}{'-lora' if args.lora else ''}"
     result = bench.run_bench(
         profiles, backends=backends, shape=shape, dtype=dtype, device=device, lora=args.lora,
         gradient_checkpointing=args.gradient_checkpointing,
         examples_per_step=args.examples_per_step, steps=args.steps, budget=args.budget,
-        reward_model=args.reward_model,
+        reward_model=args.reward_model, memory_limit_gb=args.memory_limit_gb, time_budget_s=args.time_budget,
+        on_cell=_cell_log(args, name),
     )
-    name = f"bench-{result.device.split(':')[0]}-{shape}{'-rm' if args.reward_model else ''}{'-lora' if args.lora else ''}"
     return _report(args, bench.format_table(result), bench.save, result, name, suffixes=(".json", ".png"))
 
 
@@ -81,6 +90,34 @@ def _bench_self_check(args, device: str) -> int:
     results = bench_selfcheck.measure(shapes, backends, dtype=dtype, device=device, repeats=args.repeats)
     table = bench_selfcheck.format_table(results, device)
     return _report(args, table, bench_selfcheck.save, results, f"selfcheck-{device}")
+
+
+# CPU defaults of the throughput bench: lengths a quarter of the paper's, and a budget under which the documented
+# command ends (with what it measured) on a 2-core machine
+CPU_LENGTH_SCALE = 0.25
+CPU_TIME_BUDGET_S = 480.0
+
+
+def _cell_log(args, default_name: str):
+    """``on_cell`` of the benches: one line per finished cell on stderr, and with ``--out-dir`` one JSON line per cell
+    appended to ``NAME.jsonl`` as it finishes (a run stopped at any point keeps every cell it finished)."""
+    import json
+
+    path = None
+    if args.out_dir:
+        os.makedirs(args.out_dir, exist_ok=True)
+        path = os.path.join(args.out_dir, (args.name or default_name) + ".jsonl")
+        open(path, "w").close()
+
+    def on_cell(kind: str, record: dict) -> None:
+        what = {"measurement": lambda r: f"{r['samples_per_s']:.2f} samples/s", "out_of_memory": lambda r: "out of memory",
+                "skipped": lambda r: f"not run: {r['reason']}"}[kind](record)  # fmt: skip
+        print(f"  {record['profile']} {record['backend']} {record['format']}: {what}", file=sys.stderr, flush=True)
+        if path:
+            with open(path, "a") as f:
+                f.write(json.dumps({"kind": kind, **record}) + "\n")
+
+    return on_cell
 
 
 def _ints(text: str, option: str) -> list[int]:
@@ -100,7 +137,7 @@ def _bench_memory(args, device: str) -> int:
         _ints(args.vocabs, "--vocabs") if args.vocabs else bench_memory.VOCABULARIES,
         _ints(args.tokens, "--tokens") if args.tokens else bench_memory.TOKENS,
         hidden_size=args.hidden_size, device=device, dtype=args.dtype or "float32", train_head=args.train_head,
-        memory_limit_gb=args.memory_limit_gb, repeats=args.repeats, threads=args.threads, chunk_size=args.chunk_size,
+        memory_limit_gb=8.0 if args.memory_limit_gb is None else args.memory_limit_gb, repeats=args.repeats, threads=args.threads, chunk_size=args.chunk_size,
     )  # fmt: skip
     name = f"memory-{result.device.split(':')[0]}"
     return _report(args, bench_memory.format_memory_table(result), bench_memory.save_memory, result, name)
@@ -130,7 +167,7 @@ def _bench_groups(args, device: str) -> int:
     result = bench_groups.run_group_bench(
         names, _ints(args.group_sizes, "--group-sizes") if args.group_sizes else bench_groups.GROUP_SIZES,
         backends=backends, modes=modes, shape=shape, dtype=dtype, device=device, lora=args.lora,
-        prompts_per_step=args.prompts_per_step, steps=args.steps, rounds=args.rounds, length_scale=args.length_scale,
+        prompts_per_step=args.prompts_per_step, steps=args.steps, rounds=args.rounds, length_scale=1.0 if args.length_scale is None else args.length_scale,
         budget=args.budget,
     )  # fmt: skip
     name = f"bench-groups-{result.device.split(':')[0]}-{shape}"
@@ -202,7 +239,10 @@ def main(argv=None) -> int:
                    help="recompute each layer in backward (what an 8b model needs to fit one GPU)")
     b.add_argument("--examples-per-step", type=int, default=8)
     b.add_argument("--steps", type=int, default=3, help="timed steps per cell (after one warm-up step)")
-    b.add_argument("--length-scale", type=float, default=1.0, help="scale the synthetic profiles' lengths (e.g. 0.25 on CPU)")
+    b.add_argument("--length-scale", type=float, help="scale the synthetic profiles' lengths (default: 1.0 on a GPU, "
+                   f"{CPU_LENGTH_SCALE} elsewhere)")
+    b.add_argument("--time-budget", type=float, help="seconds after which no further cell starts; the cells left are "
+                   f"listed as not run (default: none on a GPU, {CPU_TIME_BUDGET_S:.0f} elsewhere)")
     b.add_argument("--budget", type=int, help="max_tokens_per_row of the packed formats")
     b.add_argument("--out-dir", help="write JSON, PNG and a markdown table here")
     g = b.add_argument_group(
@@ -225,8 +265,9 @@ def main(argv=None) -> int:
     m.add_argument("--tokens", help="comma-separated numbers of response tokens T (default: 512,2048)")
     m.add_argument("--hidden-size", type=int, default=256, help="hidden size of the LM head (default: 256)")
     m.add_argument("--train-head", action="store_true", help="a trainable LM head (default: frozen, as with LoRA)")
-    m.add_argument("--memory-limit-gb", type=float, default=8.0,
-                   help="skip cells whose predicted peak exceeds this (default: 8)")
+    m.add_argument("--memory-limit-gb", type=float,
+                   help="skip cells whose predicted peak exceeds this (default: 8 with --memory, 80%% of the memory "
+                   "available at the start otherwise)")
     m.add_argument("--repeats", type=int, default=2, help="runs per cell; the time is the best (default: 2)")
     m.add_argument("--threads", type=int, help="OMP_NUM_THREADS of the cells' processes (--groups: torch's intra-op "
                    "threads; 1 keeps a busy shared machine from stalling OpenMP barriers)")
