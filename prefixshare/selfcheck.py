@@ -211,6 +211,7 @@ def self_check(model, *, seed: int = 0) -> dict[str, float]:
     errors: dict[str, float] = {}
     parameters = _checked_parameters(inner)
     distributed = any(type(p).__name__ == "DTensor" for _, p in parameters)
+    compared = "log-probs" if _has_lm_head(inner) else "last hidden states"
     with eval_mode(inner), _bitsandbytes_default_path(inner):
         with torch.no_grad():
             alone = _alone_values(inner, examples, device)
@@ -225,7 +226,7 @@ def self_check(model, *, seed: int = 0) -> dict[str, float]:
             if not error <= tolerance:  # (NaN fails too)
                 raise SelfCheckError(
                     f"prefixshare self-check failed on {type(inner).__name__} ({dtype}): the prefix-shared "
-                    f"{'packed ' if rows else ''}batch's log-probs differ from each prompt+response run alone by "
+                    f"{'packed ' if rows else ''}batch's {compared} differ from each prompt+response run alone by "
                     f"{error:.3g} (normwise relative; allowed {tolerance:g}). The model is left unpatched: it does "
                     "something a prefix-shared batch does not reproduce: positions taken from something other than "
                     "the position_ids it is given (the token's index in the row), an attention parameter or feature "
@@ -234,14 +235,17 @@ def self_check(model, *, seed: int = 0) -> dict[str, float]:
         if parameters and not distributed:
             tensors = [p for _, p in parameters]
             batch = PrefixShareCollator(0, max_tokens_per_row=longest * len(examples))(examples).to(device)
-            weights = torch.randn(len(alone), generator=torch.Generator().manual_seed(seed + 1)).to(device)
             try:
                 shared = _shared_values(inner, batch)
             except NotImplementedError as error:
                 if "no backward pass on CPU" not in str(error):
                     raise
                 return errors  # FlexAttention on CPU runs forward only: its gradients cannot be computed here
-            weights = weights.view(-1, *[1] * (shared.dim() - 1))
+            # one random weight per compared number: per log-prob, and per feature of a hidden state. A weight per
+            # token only would sum each hidden state over its features, and that sum is a constant after a final
+            # LayerNorm whose gain is the same in every feature (every freshly initialized GPT-NeoX, GPT-2, OPT,
+            # Phi; OLMo's has no gain at all): the gradient behind it is zero, its computed value rounding noise.
+            weights = torch.randn(alone.shape, generator=torch.Generator().manual_seed(seed + 1)).to(device)
             got = torch.autograd.grad((shared * weights).sum(), tensors, allow_unused=True)
             want = torch.autograd.grad((_alone_values(inner, examples, device) * weights).sum(), tensors, allow_unused=True)
             # each parameter on the larger of its own scale and a tenth of the largest gradient entry (see

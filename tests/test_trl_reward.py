@@ -115,6 +115,65 @@ def test_rewards_equal_those_of_each_sequence_alone(architecture):
     assert batch["input_ids"].shape[0] == 1  # padding_free: one row
 
 
+def _layer_norm_classifier(kind, dtype, attention="eager"):
+    import transformers as tf
+
+    common = dict(vocab_size=32, pad_token_id=0, num_labels=1, initializer_range=0.1)
+    torch.manual_seed(0)
+    if kind == "gpt_neox issue #21":  # the report's sizes: head dim 2, so rotary_pct 0.25 rotates no feature
+        config = tf.GPTNeoXConfig(hidden_size=8, num_attention_heads=4, intermediate_size=16, num_hidden_layers=2,
+                                  rotary_pct=0.25, **common)  # fmt: skip
+    elif kind == "gpt_neox":  # head dim 8: 2 rotary features
+        config = tf.GPTNeoXConfig(hidden_size=16, num_attention_heads=2, intermediate_size=32, num_hidden_layers=2,
+                                  rotary_pct=0.25, **common)  # fmt: skip
+    else:  # GPT-2: learned absolute positions, a final LayerNorm
+        config = tf.GPT2Config(n_embd=16, n_head=2, n_layer=2, n_positions=64, **common)
+    return tf.AutoModelForSequenceClassification.from_config(config, attn_implementation=attention, dtype=dtype).eval()
+
+
+# float64 with sdpa: eager attention (prefixshare's, and GPT-NeoX's own) takes its softmax in float32, so a float64
+# model on eager is float32-accurate there, outside the self-check's float64 tolerance; sdpa stays in float64
+@pytest.mark.parametrize("dtype, attention", [(torch.float32, "eager"), (torch.float64, "sdpa")], ids=["fp32-eager", "fp64-sdpa"])
+@pytest.mark.parametrize("kind", ["gpt_neox issue #21", "gpt_neox", "gpt2"])
+def test_layer_norm_reward_models_patch_and_equal_each_sequence_alone(kind, dtype, attention):
+    """Issue #21: a reward model whose decoder ends in a LayerNorm with one gain for every feature (GPT-NeoX, GPT-2
+    as initialized) was refused by the self-check, its gradients "differing by 1.2" in float32 and float64 alike.
+    The probe weighted each token's last hidden state by one number, i.e. compared the gradient of the sum of its
+    features, which that LayerNorm makes a constant: zero gradient, rounding noise compared with rounding noise.
+    patch() accepts them now, and their prefix-shared rewards equal each sequence alone, values and gradients."""
+    examples = [
+        {"chosen_ids": [1, 5, 6, 7, 8, 9, 2], "rejected_ids": [1, 5, 6, 11, 2]},
+        {"chosen_ids": [1, 4, 4], "rejected_ids": [3, 4, 4, 4, 0, 0]},  # no common first token; trailing pads
+        {"chosen_ids": [1, 7, 0, 8, 9, 10, 11, 12, 13], "rejected_ids": [1, 7, 0, 8, 0]},  # a pad inside
+    ]
+    from prefixshare.selfcheck import SelfCheckError
+    from prefixshare.testing.matrix import leaky_layout
+
+    with leaky_layout(), pytest.raises(SelfCheckError):  # the negative control: the probe still sees a leak here
+        prefixshare.patch(_layer_norm_classifier(kind, dtype, attention))
+    model = _layer_norm_classifier(kind, dtype, attention)
+    want, want_grads = [], []
+    for e in examples:
+        for key in ("chosen_ids", "rejected_ids"):
+            model.zero_grad()
+            score = model(input_ids=torch.tensor([e[key]])).logits[0, 0]
+            score.backward()
+            want.append(score.item())
+            want_grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    want = torch.tensor(want, dtype=dtype).view(len(examples), 2)
+    prefixshare.patch(model)  # (the self-check runs here)
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-12
+    for collator in (RewardCollator(0), RewardCollator(0, max_tokens_per_row=20)):
+        model.zero_grad()
+        rewards = response_rewards(model, collator(examples))
+        torch.testing.assert_close(rewards[..., 0].detach(), want, rtol=tolerance, atol=tolerance)
+        (rewards[..., 0] * torch.tensor([[1.0, -0.5]], dtype=dtype)).sum().backward()
+        for name, parameter in model.named_parameters():
+            reference = sum(g[name] * (1.0 if i % 2 == 0 else -0.5) for i, g in enumerate(want_grads))
+            error = (parameter.grad - reference).abs().max() / reference.abs().max()  # (in the model's dtype)
+            assert error < tolerance, name
+
+
 def test_collator_shares_the_common_prefix_and_names_bad_examples():
     collator = RewardCollator(pad_token_id=0)
     batch = collator([{"chosen_ids": [1, 5, 6, 7], "rejected_ids": [1, 5, 6, 8, 9], "margin": 0.5}])
