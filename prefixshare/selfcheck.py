@@ -89,15 +89,32 @@ def _has_lm_head(model) -> bool:
     return isinstance(getattr(model, "get_output_embeddings", lambda: None)(), torch.nn.Module)
 
 
+def _decoder_of(model) -> torch.nn.Module:
+    """What the probe runs for a model without an LM head: its base model (``base_model``: the decoder whose last
+    hidden state every head reads; the model itself when it is one). The head around it runs per token after the
+    decoder (a sequence-classification ``score``) and then pools; the pooling, which prefix sharing does not
+    change and the probe does not compare, needs ``config.pad_token_id`` for a batch of more than one row
+    (transformers raises "Cannot handle batch sizes > 1 if no padding token is defined"), so it is left out."""
+    base = getattr(model, "base_model", None)
+    return base if isinstance(base, torch.nn.Module) else model
+
+
+def _outputs(model, **inputs) -> torch.Tensor:
+    """``[B, L, V]`` logits of a language model, ``[B, L, H]`` last hidden states of its decoder otherwise."""
+    if _has_lm_head(model):
+        return model(**inputs).logits
+    return _decoder_of(model)(**inputs).last_hidden_state
+
+
 def _shared_values(model, batch) -> torch.Tensor:
     """Per response token, grouped by response in input order: ``[T]`` float32 log-probs for a language model;
     ``[T, H]`` last hidden states for a model without an LM head (a reward model's score head reads them)."""
     layout, input_ids = batch.layout, batch["input_ids"]
     order = torch.sort(layout.response_index, stable=True).indices
     if not _has_lm_head(model):
-        hidden = model(**batch, output_hidden_states=True).hidden_states[-1]
+        hidden = _outputs(model, **batch)
         return hidden.reshape(-1, hidden.shape[-1])[layout.target_index][order].float()
-    logits = model(**batch).logits
+    logits = _outputs(model, **batch)
     flat = logits.reshape(-1, logits.shape[-1])
     targets = input_ids.reshape(-1)[layout.target_index]
     values = torch.log_softmax(flat[layout.predictor_index].float(), -1).gather(-1, targets[:, None])[:, 0]
@@ -111,11 +128,11 @@ def _alone_values(model, examples, device) -> torch.Tensor:
         prompt = example["prompt_input_ids"]
         for response in example["responses_input_ids"]:
             ids = torch.tensor([prompt + response], device=device)
+            out = _outputs(model, input_ids=ids, use_cache=False)[0]
             if not _has_lm_head(model):
-                values.append(model(input_ids=ids, use_cache=False, output_hidden_states=True).hidden_states[-1][0, len(prompt) :].float())
+                values.append(out[len(prompt) :].float())
                 continue
-            logits = model(input_ids=ids, use_cache=False).logits[0]
-            values.append(torch.log_softmax(logits[len(prompt) - 1 : -1].float(), -1).gather(-1, ids[0, len(prompt) :, None])[:, 0])
+            values.append(torch.log_softmax(out[len(prompt) - 1 : -1].float(), -1).gather(-1, ids[0, len(prompt) :, None])[:, 0])
     return torch.cat(values)
 
 
@@ -147,9 +164,9 @@ def _refuse_position_handling(model, device, error: float) -> None:
     numbered 0, 1, 2, ... (what the collators give); return if its positions look right."""
     ids = torch.arange(3, 9, device=device)[None]
     with torch.no_grad():
-        given = model(input_ids=ids, position_ids=torch.arange(6, device=device)[None], use_cache=False).logits
-        moved = model(input_ids=ids, position_ids=torch.tensor([[0, 1, 2, 2, 3, 4]], device=device), use_cache=False).logits
-        own = model(input_ids=ids, use_cache=False).logits
+        given = _outputs(model, input_ids=ids, position_ids=torch.arange(6, device=device)[None], use_cache=False)
+        moved = _outputs(model, input_ids=ids, position_ids=torch.tensor([[0, 1, 2, 2, 3, 4]], device=device), use_cache=False)
+        own = _outputs(model, input_ids=ids, use_cache=False)
     name = type(model).__name__
     if torch.equal(given, moved):
         why = ("its forward ignores the position_ids it is given (it numbers positions by the token's index in the "

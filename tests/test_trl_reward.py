@@ -32,11 +32,11 @@ ROWS = uneven(load_toy_preferences()[:12])
 EVAL_ROWS = uneven(load_toy_preferences()[100:106])
 
 
-def classifier(architecture="llama", vocab_size=100, seed=0):
+def classifier(architecture="llama", vocab_size=100, seed=0, **overrides):
     from transformers import AutoModelForSequenceClassification
 
     torch.manual_seed(seed)
-    config = tiny_config(architecture, vocab_size=vocab_size, num_labels=1)
+    config = tiny_config(architecture, **{"vocab_size": vocab_size, "num_labels": 1, **overrides})
     return AutoModelForSequenceClassification.from_config(config, attn_implementation="eager")
 
 
@@ -344,3 +344,20 @@ def test_unsupported_reward_options_raise(tokenizer, tmp_path):
         PrefixShareRewardTrainer(
             classifier(), args=config(tmp_path, accelerator_config={"dispatch_batches": True}), **common
         )
+
+
+def test_pad_token_id_missing_from_the_config(tokenizer):
+    """patch() on a reward model whose config has no pad_token_id: the probe reads the decoder's hidden states, which
+    the pad token does not change, so the model is accepted (before: "self-check failed ... Cannot handle batch
+    sizes > 1 if no padding token is defined", a correct model refused). response_rewards then says what to set:
+    the model's pooling reads the last token that is not config.pad_token_id, the collator the last that is not its
+    own pad id, and the two must be the same token."""
+    model = classifier(vocab_size=32, pad_token_id=None)
+    prefixshare.patch(model)
+    examples = [{"chosen_ids": [1, 5, 6, 7], "rejected_ids": [1, 5, 8]}, {"chosen_ids": [1, 9, 3], "rejected_ids": [1, 9, 4, 4]}]
+    with pytest.raises(ValueError, match=r"has no config.pad_token_id; set model.config.pad_token_id to the pad_token_id"):
+        response_rewards(model, RewardCollator(0)(examples))
+    model.config.pad_token_id = 0
+    want = torch.tensor([[model(input_ids=torch.tensor([e[k]])).logits[0, 0].item() for k in ("chosen_ids", "rejected_ids")]
+                         for e in examples])  # fmt: skip
+    torch.testing.assert_close(response_rewards(model, RewardCollator(0)(examples))[..., 0].detach(), want)
