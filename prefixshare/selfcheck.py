@@ -229,7 +229,9 @@ def self_check(model, *, seed: int = 0) -> dict[str, float]:
     parameters = _checked_parameters(inner)
     distributed = any(type(p).__name__ == "DTensor" for _, p in parameters)
     compared = "log-probs" if _has_lm_head(inner) else "last hidden states"
-    with eval_mode(inner), _bitsandbytes_default_path(inner):
+    # gradients on even under a caller's no_grad / inference_mode: patch may run on a model's first use there (a
+    # TRL drop-in patches on first use the model it computes precomputed reference log-probs with, under no_grad)
+    with eval_mode(inner), _bitsandbytes_default_path(inner), torch.inference_mode(False), torch.enable_grad():
         with torch.no_grad():
             alone = _alone_values(inner, examples, device)
         for rows in (None, longest * len(examples)):
