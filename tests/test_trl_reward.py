@@ -50,10 +50,10 @@ def config(tmp_path, **overrides):
     return RewardConfig(**values)
 
 
-def run(cls, tokenizer, tmp_path, rows=ROWS, *, evaluate=None, trainer_kwargs=None, **overrides):
+def run(cls, tokenizer, tmp_path, rows=ROWS, *, evaluate=None, trainer_kwargs=None, model_config=None, **overrides):
     """Train 3 steps; return (per-step logs, eval metrics or None, trainer)."""
     trainer = cls(
-        model=classifier(vocab_size=len(tokenizer)),
+        model=classifier(vocab_size=len(tokenizer), **(model_config or {})),
         args=config(tmp_path / cls.__name__, **overrides),
         train_dataset=datasets.Dataset.from_list(rows),
         processing_class=tokenizer,
@@ -234,6 +234,9 @@ CASES = {
     "conversational, chat_template_path": dict(rows=conversational(ROWS), chat=True),
     "pad token = EOS": dict(rows=ROWS, pad_is_eos=True),
     "packed rows": dict(rows=ROWS, trainer_kwargs={"prefixshare_max_tokens_per_row": 300}),
+    # issue #21: RewardTrainer copies the tokenizer's pad token into the model's config; before (de1f78d) the drop-in
+    # patched, and so self-checked, the model before that: "Cannot handle batch sizes > 1 if no padding token"
+    "model config without pad_token_id": dict(rows=ROWS, model_config={"pad_token_id": None}),
 }
 
 
@@ -249,12 +252,13 @@ def test_reward_trainer_matches_trl(tmp_path, case):
     if options.pop("chat", False):  # the template from a .jinja file (RewardConfig.chat_template_path)
         (tmp_path / "template.jinja").write_text(CHAT_TEMPLATE)
         options["chat_template_path"] = str(tmp_path / "template.jinja")
-    if options.pop("pad_is_eos", False):
+    pad_is_eos = options.pop("pad_is_eos", False)
+    if pad_is_eos:
         tokenizer.pad_token = None
     kwargs = options.pop("trainer_kwargs", {})
     eval_rows = datasets.Dataset.from_list(rows[:6])
     theirs, their_eval, _ = run(RewardTrainer, tokenizer, tmp_path, rows, evaluate=eval_rows, **options)
-    if "pad" in case:
+    if pad_is_eos:
         tokenizer.pad_token = None  # the first trainer set it
     ours, our_eval, trainer = run(
         PrefixShareRewardTrainer, tokenizer, tmp_path, rows, evaluate=eval_rows, trainer_kwargs=kwargs, **options
@@ -266,8 +270,9 @@ def test_reward_trainer_matches_trl(tmp_path, case):
     assert isinstance(trainer.data_collator, PrefixShareRewardCollator) and prefixshare.is_patched(trainer.model)
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
     assert (batch["input_ids"].shape[0] < 4) if kwargs else (batch["input_ids"].shape[0] == 4)  # packed, or a row per pair
-    if "pad" in case:
+    if pad_is_eos:
         assert trainer.processing_class.pad_token_id == tokenizer.eos_token_id
+    assert trainer.model.config.pad_token_id == trainer.processing_class.pad_token_id
 
 
 def test_lora_reward_model_matches_trl(tokenizer, tmp_path):
@@ -344,6 +349,46 @@ def test_unsupported_reward_options_raise(tokenizer, tmp_path):
         PrefixShareRewardTrainer(
             classifier(), args=config(tmp_path, accelerator_config={"dispatch_batches": True}), **common
         )
+
+
+def _bloom_classifier(vocab_size, num_labels=1):
+    # Bloom computes attention itself (ALiBi), outside transformers' AttentionInterface: patch refuses it
+    from transformers import BloomConfig, BloomForSequenceClassification
+
+    torch.manual_seed(0)
+    model = BloomForSequenceClassification(
+        BloomConfig(n_layer=1, hidden_size=32, n_head=2, vocab_size=vocab_size, num_labels=num_labels, pad_token_id=0)
+    )
+    if getattr(model, "_supports_attention_backend", False):
+        pytest.skip("Bloom routes attention through the attention interface in this transformers")
+    return model
+
+
+@pytest.mark.parametrize("model_kind", ["no pad token id", "unsupported architecture"])
+def test_trl_validation_comes_before_patching(model_kind, tokenizer, tmp_path):
+    """Issue #21 (item 3): TRL's own errors come first, word for word, as with plain TRL: the drop-in patches (and
+    self-checks) the model after RewardTrainer.__init__ has validated it. Before (de1f78d) it patched first, so a
+    model of num_labels=2 got prefixshare's error instead of TRL's: the self-check's "Cannot handle batch sizes > 1
+    if no padding token is defined" (a config without pad_token_id, which TRL fills in later), or the
+    architecture's refusal. An architecture patch refuses still fails at construction, before training."""
+    def make(num_labels):
+        if model_kind == "unsupported architecture":
+            return _bloom_classifier(len(tokenizer), num_labels)
+        return classifier(vocab_size=len(tokenizer), num_labels=num_labels, pad_token_id=None)
+
+    common = dict(args=config(tmp_path), train_dataset=datasets.Dataset.from_list(ROWS), processing_class=tokenizer)
+    with pytest.raises(ValueError) as theirs:
+        RewardTrainer(make(2), **common)
+    with pytest.raises(ValueError) as ours:
+        PrefixShareRewardTrainer(make(2), **common)
+    assert type(ours.value) is type(theirs.value) and str(ours.value) == str(theirs.value)
+    assert "require `num_labels=1`" in str(ours.value)
+    if model_kind == "unsupported architecture":
+        with pytest.raises(prefixshare.UnsupportedModelError, match="AttentionInterface"):
+            PrefixShareRewardTrainer(make(1), **common)
+    else:
+        trainer = PrefixShareRewardTrainer(make(1), **common)  # TRL set the pad token id, then the model was patched
+        assert prefixshare.is_patched(trainer.model) and trainer.model.config.pad_token_id == tokenizer.pad_token_id
 
 
 def test_pad_token_id_missing_from_the_config(tokenizer):
