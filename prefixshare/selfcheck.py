@@ -132,7 +132,8 @@ def _alone_values(model, examples, device) -> torch.Tensor:
             if not _has_lm_head(model):
                 values.append(out[len(prompt) :].float())
                 continue
-            values.append(torch.log_softmax(out[len(prompt) - 1 : -1].float(), -1).gather(-1, ids[0, len(prompt) :, None])[:, 0])
+            logps = torch.log_softmax(out[len(prompt) - 1 : -1].float(), -1)
+            values.append(logps.gather(-1, ids[0, len(prompt) :, None])[:, 0])
     return torch.cat(values)
 
 
@@ -165,7 +166,8 @@ def _refuse_position_handling(model, device, error: float) -> None:
     ids = torch.arange(3, 9, device=device)[None]
     with torch.no_grad():
         given = _outputs(model, input_ids=ids, position_ids=torch.arange(6, device=device)[None], use_cache=False)
-        moved = _outputs(model, input_ids=ids, position_ids=torch.tensor([[0, 1, 2, 2, 3, 4]], device=device), use_cache=False)
+        repeated = torch.tensor([[0, 1, 2, 2, 3, 4]], device=device)
+        moved = _outputs(model, input_ids=ids, position_ids=repeated, use_cache=False)
         own = _outputs(model, input_ids=ids, use_cache=False)
     name = type(model).__name__
     if torch.equal(given, moved):

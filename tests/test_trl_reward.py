@@ -133,7 +133,9 @@ def _layer_norm_classifier(kind, dtype, attention="eager"):
 
 # float64 with sdpa: eager attention (prefixshare's, and GPT-NeoX's own) takes its softmax in float32, so a float64
 # model on eager is float32-accurate there, outside the self-check's float64 tolerance; sdpa stays in float64
-@pytest.mark.parametrize("dtype, attention", [(torch.float32, "eager"), (torch.float64, "sdpa")], ids=["fp32-eager", "fp64-sdpa"])
+@pytest.mark.parametrize(
+    "dtype, attention", [(torch.float32, "eager"), (torch.float64, "sdpa")], ids=["fp32-eager", "fp64-sdpa"]
+)
 @pytest.mark.parametrize("kind", ["gpt_neox issue #21", "gpt_neox", "gpt2"])
 def test_layer_norm_reward_models_patch_and_equal_each_sequence_alone(kind, dtype, attention):
     """Issue #21: a reward model whose decoder ends in a LayerNorm with one gain for every feature (GPT-NeoX, GPT-2
@@ -399,10 +401,13 @@ def test_pad_token_id_missing_from_the_config(tokenizer):
     own pad id, and the two must be the same token."""
     model = classifier(vocab_size=32, pad_token_id=None)
     prefixshare.patch(model)
-    examples = [{"chosen_ids": [1, 5, 6, 7], "rejected_ids": [1, 5, 8]}, {"chosen_ids": [1, 9, 3], "rejected_ids": [1, 9, 4, 4]}]
-    with pytest.raises(ValueError, match=r"has no config.pad_token_id; set model.config.pad_token_id to the pad_token_id"):
+    examples = [
+        {"chosen_ids": [1, 5, 6, 7], "rejected_ids": [1, 5, 8]},
+        {"chosen_ids": [1, 9, 3], "rejected_ids": [1, 9, 4, 4]},
+    ]
+    with pytest.raises(ValueError, match=r"no config.pad_token_id; set model.config.pad_token_id to the pad_token_id"):
         response_rewards(model, RewardCollator(0)(examples))
     model.config.pad_token_id = 0
-    want = torch.tensor([[model(input_ids=torch.tensor([e[k]])).logits[0, 0].item() for k in ("chosen_ids", "rejected_ids")]
-                         for e in examples])  # fmt: skip
+    keys = ("chosen_ids", "rejected_ids")
+    want = torch.tensor([[model(input_ids=torch.tensor([e[k]])).logits[0, 0].item() for k in keys] for e in examples])
     torch.testing.assert_close(response_rewards(model, RewardCollator(0)(examples))[..., 0].detach(), want)
