@@ -207,16 +207,26 @@ def response_rewards(model, batch: Mapping, *, positions: torch.Tensor | None = 
             :func:`reward_positions` from the model's ``pad_token_id`` (one device-to-host copy of ``input_ids``).
 
     Raises:
-        ValueError: a model without a ``score`` head, or whose forward does not call it once on every position.
+        ValueError: a model without a ``score`` head, or whose forward does not call it once on every position; a
+            model without ``config.pad_token_id`` given a collated batch (or one of more than one row) and no
+            ``positions``.
         LayoutNotAppliedError: the forward did not apply the batch's layout in every attention layer.
     """
     layout = batch[LAYOUT_KEY]
     head = _score_head(model)
+    pad_token_id = getattr(text_config(unwrap_model(model).config), "pad_token_id", None)
+    if pad_token_id is None and positions is None and (POSITIONS_KEY in batch or layout.shape[0] > 1):
+        # the model's pooling reads the last token of a row then (and refuses batches of more rows), while the
+        # collator read each reward before its own pad token: the two could disagree at a response ending in it
+        raise ValueError(
+            f"prefixshare.response_rewards: {type(unwrap_model(model)).__name__} has no config.pad_token_id; set "
+            "model.config.pad_token_id to the pad_token_id of the RewardCollator (the tokenizer's pad token id), "
+            "the token the model's pooling skips, so that each reward is read where the model reads it"
+        )
     if positions is None:
         positions = batch.get(POSITIONS_KEY)
     if positions is None:
-        config = text_config(unwrap_model(model).config)
-        positions = reward_positions(layout, batch["input_ids"], getattr(config, "pad_token_id", None))
+        positions = reward_positions(layout, batch["input_ids"], pad_token_id)
     captured = []
     handle = head.register_forward_hook(lambda module, args, output: captured.append(output))
     inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], LAYOUT_KEY: layout}

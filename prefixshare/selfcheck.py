@@ -106,15 +106,32 @@ def _has_lm_head(model) -> bool:
     return isinstance(getattr(model, "get_output_embeddings", lambda: None)(), torch.nn.Module)
 
 
+def _decoder_of(model) -> torch.nn.Module:
+    """What the probe runs for a model without an LM head: its base model (``base_model``: the decoder whose last
+    hidden state every head reads; the model itself when it is one). The head around it runs per token after the
+    decoder (a sequence-classification ``score``) and then pools; the pooling, which prefix sharing does not
+    change and the probe does not compare, needs ``config.pad_token_id`` for a batch of more than one row
+    (transformers raises "Cannot handle batch sizes > 1 if no padding token is defined"), so it is left out."""
+    base = getattr(model, "base_model", None)
+    return base if isinstance(base, torch.nn.Module) else model
+
+
+def _outputs(model, **inputs) -> torch.Tensor:
+    """``[B, L, V]`` logits of a language model, ``[B, L, H]`` last hidden states of its decoder otherwise."""
+    if _has_lm_head(model):
+        return model(**inputs).logits
+    return _decoder_of(model)(**inputs).last_hidden_state
+
+
 def _shared_values(model, batch) -> torch.Tensor:
     """Per response token, grouped by response in input order: ``[T]`` float32 log-probs for a language model;
     ``[T, H]`` last hidden states for a model without an LM head (a reward model's score head reads them)."""
     layout, input_ids = batch.layout, batch["input_ids"]
     order = torch.sort(layout.response_index, stable=True).indices
     if not _has_lm_head(model):
-        hidden = model(**batch, output_hidden_states=True).hidden_states[-1]
+        hidden = _outputs(model, **batch)
         return _wide(hidden.reshape(-1, hidden.shape[-1])[layout.target_index][order])
-    logits = model(**batch).logits
+    logits = _outputs(model, **batch)
     flat = logits.reshape(-1, logits.shape[-1])
     targets = input_ids.reshape(-1)[layout.target_index]
     values = torch.log_softmax(_wide(flat[layout.predictor_index]), -1).gather(-1, targets[:, None])[:, 0]
@@ -128,11 +145,12 @@ def _alone_values(model, examples, device) -> torch.Tensor:
         prompt = example["prompt_input_ids"]
         for response in example["responses_input_ids"]:
             ids = torch.tensor([prompt + response], device=device)
+            out = _outputs(model, input_ids=ids, use_cache=False)[0]
             if not _has_lm_head(model):
-                values.append(_wide(model(input_ids=ids, use_cache=False, output_hidden_states=True).hidden_states[-1][0, len(prompt) :]))
+                values.append(_wide(out[len(prompt) :]))
                 continue
-            logits = model(input_ids=ids, use_cache=False).logits[0]
-            values.append(torch.log_softmax(_wide(logits[len(prompt) - 1 : -1]), -1).gather(-1, ids[0, len(prompt) :, None])[:, 0])
+            logps = torch.log_softmax(_wide(out[len(prompt) - 1 : -1]), -1)
+            values.append(logps.gather(-1, ids[0, len(prompt) :, None])[:, 0])
     return torch.cat(values)
 
 
@@ -164,9 +182,10 @@ def _refuse_position_handling(model, device, error: float) -> None:
     numbered 0, 1, 2, ... (what the collators give); return if its positions look right."""
     ids = torch.arange(3, 9, device=device)[None]
     with torch.no_grad():
-        given = model(input_ids=ids, position_ids=torch.arange(6, device=device)[None], use_cache=False).logits
-        moved = model(input_ids=ids, position_ids=torch.tensor([[0, 1, 2, 2, 3, 4]], device=device), use_cache=False).logits
-        own = model(input_ids=ids, use_cache=False).logits
+        given = _outputs(model, input_ids=ids, position_ids=torch.arange(6, device=device)[None], use_cache=False)
+        repeated = torch.tensor([[0, 1, 2, 2, 3, 4]], device=device)
+        moved = _outputs(model, input_ids=ids, position_ids=repeated, use_cache=False)
+        own = _outputs(model, input_ids=ids, use_cache=False)
     name = type(model).__name__
     if torch.equal(given, moved):
         why = ("its forward ignores the position_ids it is given (it numbers positions by the token's index in the "
@@ -260,6 +279,7 @@ def self_check(model, *, seed: int = 0, kernels=()) -> dict[str, float | str]:
     parameters = _checked_parameters(inner)
     distributed = any(type(p).__name__ == "DTensor" for _, p in parameters)
     name = type(inner).__name__
+    compared = "log-probs" if _has_lm_head(inner) else "last hidden states"
     with eval_mode(inner), _bitsandbytes_default_path(inner), _observed_autocast(inner, device) as autocast:
         with torch.no_grad():
             alone = _alone_values(inner, examples, device)
@@ -276,7 +296,7 @@ def self_check(model, *, seed: int = 0, kernels=()) -> dict[str, float | str]:
             if not error <= tolerance:  # (NaN fails too)
                 raise SelfCheckError(
                     f"prefixshare self-check failed on {name} ({described}): the prefix-shared "
-                    f"{'packed ' if rows else ''}batch's log-probs differ from each prompt+response run alone by "
+                    f"{'packed ' if rows else ''}batch's {compared} differ from each prompt+response run alone by "
                     f"{error:.3g} (normwise relative; allowed {tolerance:g}). The model is left unpatched: it does "
                     "something a prefix-shared batch does not reproduce: positions taken from something other than "
                     "the position_ids it is given (the token's index in the row), an attention parameter or feature "
@@ -289,7 +309,7 @@ def self_check(model, *, seed: int = 0, kernels=()) -> dict[str, float | str]:
         elif parameters and not distributed:
             # (under no_grad / inference_mode, a reference model's first forward: the probe needs its own graph)
             with torch.inference_mode(False), torch.enable_grad():
-                gradients = _gradient_error(inner, parameters, examples, device, seed, len(alone))
+                gradients = _gradient_error(inner, parameters, examples, device, seed, alone.shape)
             if gradients is None:
                 errors["gradients_not_checked"] = "FlexAttention on CPU runs forward only"
             else:
@@ -307,21 +327,25 @@ def self_check(model, *, seed: int = 0, kernels=()) -> dict[str, float | str]:
     return errors
 
 
-def _gradient_error(inner, parameters, examples, device, seed: int, count: int) -> tuple[float, str] | None:
+def _gradient_error(inner, parameters, examples, device, seed: int, shape: torch.Size) -> tuple[float, str] | None:
     """The worst gradient error of ``parameters`` (and its name) between the packed prefix-shared batch and the
-    runs alone, under a random weighting of the ``count`` compared values; None where the backward cannot run
+    runs alone, under a random weighting of the compared values (``shape``: theirs); None where the backward cannot run
     (FlexAttention on CPU). Raises :class:`SelfCheckError` for a gradient the prefix-shared forward lacks."""
     tensors = [p for _, p in parameters]
     longest = max(p + sum(r) for p, r in _SHAPES)
     batch = PrefixShareCollator(0, max_tokens_per_row=longest * len(examples))(examples).to(device)
-    weights = torch.randn(count, generator=torch.Generator().manual_seed(seed + 1)).to(device)
+
     try:
         shared = _shared_values(inner, batch)
     except NotImplementedError as error:
         if "no backward pass on CPU" not in str(error):
             raise
         return None  # FlexAttention on CPU runs forward only: its gradients cannot be computed here
-    weights = weights.view(-1, *[1] * (shared.dim() - 1))
+    # one random weight per compared number: per log-prob, and per feature of a hidden state. A weight per token
+    # only would sum each hidden state over its features, and that sum is a constant after a final LayerNorm whose
+    # gain is the same in every feature (every freshly initialized GPT-NeoX, GPT-2, OPT, Phi; OLMo's has no gain at
+    # all): the gradient behind it is zero, its computed value rounding noise.
+    weights = torch.randn(shape, generator=torch.Generator().manual_seed(seed + 1)).to(device)
     got = torch.autograd.grad((shared * weights).sum(), tensors, allow_unused=True)
     want = torch.autograd.grad((_alone_values(inner, examples, device) * weights).sum(), tensors, allow_unused=True)
     # each parameter on the larger of its own scale and a tenth of the largest gradient entry (see

@@ -718,6 +718,34 @@ def test_unsupported_architecture_raises(tokenizer, tmp_path):
         )
 
 
+@pytest.mark.parametrize("case", ["ref_model is model", "router_aux_loss_coef, dense model"])
+def test_trl_validation_comes_before_patching(case, tokenizer, tmp_path):
+    """Issue #21 (item 3): DPOTrainer's own errors, word for word, come first, as with plain TRL: the drop-in patches
+    its models once DPOTrainer.__init__ has run. Bloom, which patch refuses, makes the order visible: before
+    (de1f78d) the drop-in patched first and raised UnsupportedModelError instead. One of TRL's checks runs before
+    Trainer.__init__ (the same object as model and reference), one after it (router_aux_loss_coef on a model
+    without a router)."""
+    from transformers import BloomConfig, BloomForCausalLM
+
+    def bloom():
+        return BloomForCausalLM(BloomConfig(n_layer=1, hidden_size=32, n_head=2, vocab_size=len(tokenizer)))
+
+    outcomes = {}
+    for cls in (DPOTrainer, PrefixShareDPOTrainer):
+        policy = bloom()
+        if getattr(policy, "_supports_attention_backend", False):
+            pytest.skip("Bloom routes attention through the attention interface in this transformers")
+        options = {"router_aux_loss_coef": 0.5} if "router" in case else {}
+        with pytest.raises(ValueError) as raised:
+            cls(policy, ref_model=policy if case == "ref_model is model" else bloom(),
+                args=config(tmp_path / cls.__name__, **options), train_dataset=dataset(ROWS, "x"),
+                processing_class=tokenizer)  # fmt: skip
+        outcomes[cls] = raised.value
+    ours, theirs = outcomes[PrefixShareDPOTrainer], outcomes[DPOTrainer]
+    assert type(ours) is type(theirs) and str(ours) == str(theirs)
+    assert ("cannot be the same object" if case == "ref_model is model" else "not a Mixture-of-Experts") in str(ours)
+
+
 def test_collated_batch_survives_accelerate_dispatching():
     """The collator's batches come unchanged through accelerate's single-process DataLoaderDispatcher (what an
     IterableDataset gets by default: concatenate the batches, slice rows), with packing.

@@ -32,11 +32,11 @@ ROWS = uneven(load_toy_preferences()[:12])
 EVAL_ROWS = uneven(load_toy_preferences()[100:106])
 
 
-def classifier(architecture="llama", vocab_size=100, seed=0):
+def classifier(architecture="llama", vocab_size=100, seed=0, **overrides):
     from transformers import AutoModelForSequenceClassification
 
     torch.manual_seed(seed)
-    config = tiny_config(architecture, vocab_size=vocab_size, num_labels=1)
+    config = tiny_config(architecture, **{"vocab_size": vocab_size, "num_labels": 1, **overrides})
     return AutoModelForSequenceClassification.from_config(config, attn_implementation="eager")
 
 
@@ -50,10 +50,10 @@ def config(tmp_path, **overrides):
     return RewardConfig(**values)
 
 
-def run(cls, tokenizer, tmp_path, rows=ROWS, *, evaluate=None, trainer_kwargs=None, **overrides):
+def run(cls, tokenizer, tmp_path, rows=ROWS, *, evaluate=None, trainer_kwargs=None, model_config=None, **overrides):
     """Train 3 steps; return (per-step logs, eval metrics or None, trainer)."""
     trainer = cls(
-        model=classifier(vocab_size=len(tokenizer)),
+        model=classifier(vocab_size=len(tokenizer), **(model_config or {})),
         args=config(tmp_path / cls.__name__, **overrides),
         train_dataset=datasets.Dataset.from_list(rows),
         processing_class=tokenizer,
@@ -113,6 +113,67 @@ def test_rewards_equal_those_of_each_sequence_alone(architecture):
         for name, parameter in model.named_parameters():  # max error relative to the largest entry, as testing.py
             assert relative_error(parameter.grad, sum(g[name] for g in want_grads)) < 1e-5, name
     assert batch["input_ids"].shape[0] == 1  # padding_free: one row
+
+
+def _layer_norm_classifier(kind, dtype, attention="eager"):
+    import transformers as tf
+
+    common = dict(vocab_size=32, pad_token_id=0, num_labels=1, initializer_range=0.1)
+    torch.manual_seed(0)
+    if kind == "gpt_neox issue #21":  # the report's sizes: head dim 2, so rotary_pct 0.25 rotates no feature
+        config = tf.GPTNeoXConfig(hidden_size=8, num_attention_heads=4, intermediate_size=16, num_hidden_layers=2,
+                                  rotary_pct=0.25, **common)  # fmt: skip
+    elif kind == "gpt_neox":  # head dim 8: 2 rotary features
+        config = tf.GPTNeoXConfig(hidden_size=16, num_attention_heads=2, intermediate_size=32, num_hidden_layers=2,
+                                  rotary_pct=0.25, **common)  # fmt: skip
+    else:  # GPT-2: learned absolute positions, a final LayerNorm
+        config = tf.GPT2Config(n_embd=16, n_head=2, n_layer=2, n_positions=64, **common)
+    return tf.AutoModelForSequenceClassification.from_config(config, attn_implementation=attention, dtype=dtype).eval()
+
+
+# float64 with sdpa: eager attention (prefixshare's, and GPT-NeoX's own) takes its softmax in float32, so a float64
+# model on eager is float32-accurate there, outside the self-check's float64 tolerance; sdpa stays in float64
+@pytest.mark.parametrize(
+    "dtype, attention", [(torch.float32, "eager"), (torch.float64, "sdpa")], ids=["fp32-eager", "fp64-sdpa"]
+)
+@pytest.mark.parametrize("kind", ["gpt_neox issue #21", "gpt_neox", "gpt2"])
+def test_layer_norm_reward_models_patch_and_equal_each_sequence_alone(kind, dtype, attention):
+    """Issue #21: a reward model whose decoder ends in a LayerNorm with one gain for every feature (GPT-NeoX, GPT-2
+    as initialized) was refused by the self-check, its gradients "differing by 1.2" in float32 and float64 alike.
+    The probe weighted each token's last hidden state by one number, i.e. compared the gradient of the sum of its
+    features, which that LayerNorm makes a constant: zero gradient, rounding noise compared with rounding noise.
+    patch() accepts them now, and their prefix-shared rewards equal each sequence alone, values and gradients."""
+    examples = [
+        {"chosen_ids": [1, 5, 6, 7, 8, 9, 2], "rejected_ids": [1, 5, 6, 11, 2]},
+        {"chosen_ids": [1, 4, 4], "rejected_ids": [3, 4, 4, 4, 0, 0]},  # no common first token; trailing pads
+        {"chosen_ids": [1, 7, 0, 8, 9, 10, 11, 12, 13], "rejected_ids": [1, 7, 0, 8, 0]},  # a pad inside
+    ]
+    from prefixshare.selfcheck import SelfCheckError
+    from prefixshare.testing.matrix import leaky_layout
+
+    with leaky_layout(), pytest.raises(SelfCheckError):  # the negative control: the probe still sees a leak here
+        prefixshare.patch(_layer_norm_classifier(kind, dtype, attention))
+    model = _layer_norm_classifier(kind, dtype, attention)
+    want, want_grads = [], []
+    for e in examples:
+        for key in ("chosen_ids", "rejected_ids"):
+            model.zero_grad()
+            score = model(input_ids=torch.tensor([e[key]])).logits[0, 0]
+            score.backward()
+            want.append(score.item())
+            want_grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    want = torch.tensor(want, dtype=dtype).view(len(examples), 2)
+    prefixshare.patch(model)  # (the self-check runs here)
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-12
+    for collator in (RewardCollator(0), RewardCollator(0, max_tokens_per_row=20)):
+        model.zero_grad()
+        rewards = response_rewards(model, collator(examples))
+        torch.testing.assert_close(rewards[..., 0].detach(), want, rtol=tolerance, atol=tolerance)
+        (rewards[..., 0] * torch.tensor([[1.0, -0.5]], dtype=dtype)).sum().backward()
+        for name, parameter in model.named_parameters():
+            reference = sum(g[name] * (1.0 if i % 2 == 0 else -0.5) for i, g in enumerate(want_grads))
+            error = (parameter.grad - reference).abs().max() / reference.abs().max()  # (in the model's dtype)
+            assert error < tolerance, name
 
 
 def test_collator_shares_the_common_prefix_and_names_bad_examples():
@@ -175,6 +236,9 @@ CASES = {
     "conversational, chat_template_path": dict(rows=conversational(ROWS), chat=True),
     "pad token = EOS": dict(rows=ROWS, pad_is_eos=True),
     "packed rows": dict(rows=ROWS, trainer_kwargs={"prefixshare_max_tokens_per_row": 300}),
+    # issue #21: RewardTrainer copies the tokenizer's pad token into the model's config; before (de1f78d) the drop-in
+    # patched, and so self-checked, the model before that: "Cannot handle batch sizes > 1 if no padding token"
+    "model config without pad_token_id": dict(rows=ROWS, model_config={"pad_token_id": None}),
 }
 
 
@@ -190,12 +254,13 @@ def test_reward_trainer_matches_trl(tmp_path, case):
     if options.pop("chat", False):  # the template from a .jinja file (RewardConfig.chat_template_path)
         (tmp_path / "template.jinja").write_text(CHAT_TEMPLATE)
         options["chat_template_path"] = str(tmp_path / "template.jinja")
-    if options.pop("pad_is_eos", False):
+    pad_is_eos = options.pop("pad_is_eos", False)
+    if pad_is_eos:
         tokenizer.pad_token = None
     kwargs = options.pop("trainer_kwargs", {})
     eval_rows = datasets.Dataset.from_list(rows[:6])
     theirs, their_eval, _ = run(RewardTrainer, tokenizer, tmp_path, rows, evaluate=eval_rows, **options)
-    if "pad" in case:
+    if pad_is_eos:
         tokenizer.pad_token = None  # the first trainer set it
     ours, our_eval, trainer = run(
         PrefixShareRewardTrainer, tokenizer, tmp_path, rows, evaluate=eval_rows, trainer_kwargs=kwargs, **options
@@ -207,8 +272,9 @@ def test_reward_trainer_matches_trl(tmp_path, case):
     assert isinstance(trainer.data_collator, PrefixShareRewardCollator) and prefixshare.is_patched(trainer.model)
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
     assert (batch["input_ids"].shape[0] < 4) if kwargs else (batch["input_ids"].shape[0] == 4)  # packed, or a row per pair
-    if "pad" in case:
+    if pad_is_eos:
         assert trainer.processing_class.pad_token_id == tokenizer.eos_token_id
+    assert trainer.model.config.pad_token_id == trainer.processing_class.pad_token_id
 
 
 def test_lora_reward_model_matches_trl(tokenizer, tmp_path):
@@ -285,3 +351,63 @@ def test_unsupported_reward_options_raise(tokenizer, tmp_path):
         PrefixShareRewardTrainer(
             classifier(), args=config(tmp_path, accelerator_config={"dispatch_batches": True}), **common
         )
+
+
+def _bloom_classifier(vocab_size, num_labels=1):
+    # Bloom computes attention itself (ALiBi), outside transformers' AttentionInterface: patch refuses it
+    from transformers import BloomConfig, BloomForSequenceClassification
+
+    torch.manual_seed(0)
+    model = BloomForSequenceClassification(
+        BloomConfig(n_layer=1, hidden_size=32, n_head=2, vocab_size=vocab_size, num_labels=num_labels, pad_token_id=0)
+    )
+    if getattr(model, "_supports_attention_backend", False):
+        pytest.skip("Bloom routes attention through the attention interface in this transformers")
+    return model
+
+
+@pytest.mark.parametrize("model_kind", ["no pad token id", "unsupported architecture"])
+def test_trl_validation_comes_before_patching(model_kind, tokenizer, tmp_path):
+    """Issue #21 (item 3): TRL's own errors come first, word for word, as with plain TRL: the drop-in patches (and
+    self-checks) the model after RewardTrainer.__init__ has validated it. Before (de1f78d) it patched first, so a
+    model of num_labels=2 got prefixshare's error instead of TRL's: the self-check's "Cannot handle batch sizes > 1
+    if no padding token is defined" (a config without pad_token_id, which TRL fills in later), or the
+    architecture's refusal. An architecture patch refuses still fails at construction, before training."""
+    def make(num_labels):
+        if model_kind == "unsupported architecture":
+            return _bloom_classifier(len(tokenizer), num_labels)
+        return classifier(vocab_size=len(tokenizer), num_labels=num_labels, pad_token_id=None)
+
+    common = dict(args=config(tmp_path), train_dataset=datasets.Dataset.from_list(ROWS), processing_class=tokenizer)
+    with pytest.raises(ValueError) as theirs:
+        RewardTrainer(make(2), **common)
+    with pytest.raises(ValueError) as ours:
+        PrefixShareRewardTrainer(make(2), **common)
+    assert type(ours.value) is type(theirs.value) and str(ours.value) == str(theirs.value)
+    assert "require `num_labels=1`" in str(ours.value)
+    if model_kind == "unsupported architecture":
+        with pytest.raises(prefixshare.UnsupportedModelError, match="AttentionInterface"):
+            PrefixShareRewardTrainer(make(1), **common)
+    else:
+        trainer = PrefixShareRewardTrainer(make(1), **common)  # TRL set the pad token id, then the model was patched
+        assert prefixshare.is_patched(trainer.model) and trainer.model.config.pad_token_id == tokenizer.pad_token_id
+
+
+def test_pad_token_id_missing_from_the_config(tokenizer):
+    """patch() on a reward model whose config has no pad_token_id: the probe reads the decoder's hidden states, which
+    the pad token does not change, so the model is accepted (before: "self-check failed ... Cannot handle batch
+    sizes > 1 if no padding token is defined", a correct model refused). response_rewards then says what to set:
+    the model's pooling reads the last token that is not config.pad_token_id, the collator the last that is not its
+    own pad id, and the two must be the same token."""
+    model = classifier(vocab_size=32, pad_token_id=None)
+    prefixshare.patch(model)
+    examples = [
+        {"chosen_ids": [1, 5, 6, 7], "rejected_ids": [1, 5, 8]},
+        {"chosen_ids": [1, 9, 3], "rejected_ids": [1, 9, 4, 4]},
+    ]
+    with pytest.raises(ValueError, match=r"no config.pad_token_id; set model.config.pad_token_id to the pad_token_id"):
+        response_rewards(model, RewardCollator(0)(examples))
+    model.config.pad_token_id = 0
+    keys = ("chosen_ids", "rejected_ids")
+    want = torch.tensor([[model(input_ids=torch.tensor([e[k]])).logits[0, 0].item() for k in keys] for e in examples])
+    torch.testing.assert_close(response_rewards(model, RewardCollator(0)(examples))[..., 0].detach(), want)

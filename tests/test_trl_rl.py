@@ -310,3 +310,39 @@ def test_prompt_learning_and_bad_budget_raise(tokenizer, tmp_path):
     with pytest.raises(ValueError, match="prefixshare_max_tokens_per_row must be a positive integer"):
         PrefixShareRLOOTrainer(model=tiny_model("llama", vocab_size=len(tokenizer)), prefixshare_max_tokens_per_row=0,
                                **common)  # fmt: skip
+
+
+@pytest.mark.parametrize("cls, base", [(PrefixShareGRPOTrainer, GRPOTrainer), (PrefixShareRLOOTrainer, RLOOTrainer)],
+                         ids=["grpo", "rloo"])  # fmt: skip
+def test_trl_validation_comes_before_patching(cls, base, tokenizer, tmp_path):
+    """Issue #21 (item 3): TRL's own errors, word for word, come first, as with plain TRL: the drop-ins patch their
+    models once TRL's __init__ has run. Bloom, which patch refuses, makes the order visible: before (de1f78d) the
+    drop-ins patched first and raised UnsupportedModelError instead of TRL's reward_weights error. With a valid
+    config the refusal still comes from the constructor, before training."""
+    from transformers import BloomConfig, BloomForCausalLM
+
+    from prefixshare import UnsupportedModelError
+
+    def bloom():
+        return BloomForCausalLM(BloomConfig(n_layer=1, hidden_size=32, n_head=2, vocab_size=len(tokenizer)))
+
+    if getattr(bloom(), "_supports_attention_backend", False):
+        pytest.skip("Bloom routes attention through the attention interface in this transformers")
+    config_class = GRPOConfig if base is GRPOTrainer else RLOOConfig
+
+    def make(trainer, **options):
+        args = config_class(output_dir=str(tmp_path / trainer.__name__), use_cpu=True, report_to="none",
+                            per_device_train_batch_size=4, num_generations=4, beta=0.0, **options)  # fmt: skip
+        # (beta 0: no reference model for TRL to load from the policy's name)
+        return trainer(model=bloom(), reward_funcs=Recorder(), args=args,
+                       train_dataset=datasets.Dataset.from_list(PROMPTS), processing_class=tokenizer)  # fmt: skip
+
+    outcomes = {}
+    for trainer in (base, cls):
+        with pytest.raises(ValueError) as raised:
+            make(trainer, reward_weights=[1.0, 2.0])  # two weights, one reward function
+        outcomes[trainer] = raised.value
+    assert type(outcomes[cls]) is type(outcomes[base]) and str(outcomes[cls]) == str(outcomes[base])
+    assert "Number of reward weights (2) must match number of reward functions (1)" in str(outcomes[cls])
+    with pytest.raises(UnsupportedModelError, match="AttentionInterface"):
+        make(cls)

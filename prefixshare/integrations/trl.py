@@ -395,7 +395,7 @@ class PrefixShareDPOTrainer(PrefixSharePatching, DPOTrainer):
             raise ValueError("give prefixshare_max_tokens_per_row to the PrefixShareDPOCollator you pass, not both")
 
         self._prefixshare_stop_on_nonfinite = prefixshare_stop_on_nonfinite
-        self._prefixshare_patch_given(prefixshare_backend, model, arguments.get("ref_model"))
+        self._prefixshare_prepare_patching(prefixshare_backend)
 
         # padding_free: TRL 1.16 warns that it falls back to padding; here the collator packs each batch into one row
         # instead (built above), so TRL is shown padding_free=False and the flag is put back afterwards.
@@ -405,10 +405,8 @@ class PrefixShareDPOTrainer(PrefixSharePatching, DPOTrainer):
         finally:
             config.padding_free = padding_free
         self.padding_free = padding_free
-
-        self._prefixshare_ensure_patched(self.model)
-        if self.ref_model is not None:
-            self._prefixshare_ensure_patched(self.ref_model)
+        # after DPOTrainer.__init__, so that its checks come first (a precomputed reference patched its model there)
+        self._prefixshare_patch_trainer_models()
 
     # ------------------------------------------------------------------------------------------ helpers
     def _prefixshare_forward(

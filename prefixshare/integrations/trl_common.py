@@ -61,16 +61,22 @@ def check_compile_and_parallelism(args, unsupported) -> None:
 
 
 class PrefixSharePatching:
-    """What every prefix-shared TRL trainer does with its models: patch the ones given to ``__init__`` at once (an
-    unsupported architecture fails before TRL loads anything), and every model it forwards (one TRL loaded from a
-    name, the reference copy, an accelerate wrapper's module) once, on first use."""
+    """What every prefix-shared TRL trainer does with its models: patch them once TRL's ``__init__`` has run (so that
+    TRL's own validation comes first, with TRL's errors, as with plain TRL, and the model is patched as TRL leaves it:
+    loaded from a name, with its adapters, with the pad token id TRL writes into its config; an unsupported
+    architecture still fails in the constructor, before training), and every model it forwards (the reference copy,
+    an accelerate wrapper's module, a model TRL forwards inside its ``__init__``) once, on first use."""
 
-    def _prefixshare_patch_given(self, backend: str | None, *models) -> None:
+    def _prefixshare_prepare_patching(self, backend: str | None) -> None:
+        """Before TRL's ``__init__``: the backend; nothing is patched yet."""
         self._prefixshare_backend = backend
         self._prefixshare_patched: set[int] = set()
-        for model in models:
-            if model is not None and not isinstance(model, str):
-                patch(model, backend=backend)
+
+    def _prefixshare_patch_trainer_models(self) -> None:
+        """After TRL's ``__init__``: patch the policy and the reference model (if any) as TRL set them up."""
+        self._prefixshare_ensure_patched(self.model)
+        if getattr(self, "ref_model", None) is not None:
+            self._prefixshare_ensure_patched(self.ref_model)
 
     def _prefixshare_ensure_patched(self, model):
         """Patch ``model`` (unwrapped from accelerate) if this trainer has not yet; return the transformers model."""

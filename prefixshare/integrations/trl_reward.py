@@ -114,7 +114,7 @@ class PrefixShareRewardTrainer(PrefixSharePatching, RewardTrainer):
                 "PrefixShareRewardTrainer does not support prompt-learning PEFT methods (prefix/prompt tuning): their "
                 "virtual tokens do not fit the prefix-shared layout; LoRA-style adapters are fine"
             )
-        self._prefixshare_patch_given(prefixshare_backend, model)
+        self._prefixshare_prepare_patching(prefixshare_backend)
 
         super().__init__(*bound.args[1:], **bound.kwargs)
 
@@ -126,7 +126,9 @@ class PrefixShareRewardTrainer(PrefixSharePatching, RewardTrainer):
                 pad_to_multiple_of=self.args.pad_to_multiple_of,
                 max_tokens_per_row=prefixshare_max_tokens_per_row,
             )
-        self._prefixshare_ensure_patched(self.model)
+        # after RewardTrainer.__init__: its checks (num_labels=1, the pad token) come first, and the model's config
+        # has the pad token id the self-check's model and the collator read
+        self._prefixshare_patch_trainer_models()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """RewardTrainer's loss and metrics on the rewards of the prefix-shared forward."""

@@ -119,15 +119,13 @@ class _PrefixShareRL(PrefixSharePatching):
         self._prefixshare_max_tokens_per_row = prefixshare_max_tokens_per_row
         # tokens the row format would process and the prefix-shared forwards did, and rows with nothing to score
         self._prefixshare_token_counts = {"rows": 0, "shared": 0, "empty_rows": 0}
-        self._prefixshare_patch_given(prefixshare_backend, model, arguments.get("ref_model"))
+        self._prefixshare_prepare_patching(prefixshare_backend)
 
         super().__init__(*bound.args[1:], **bound.kwargs)
 
         if getattr(self, "_is_vlm", False):
             raise ValueError(f"{name} does not support vision-language models")
-        self._prefixshare_ensure_patched(self.model)
-        if getattr(self, "ref_model", None) is not None:
-            self._prefixshare_ensure_patched(self.ref_model)
+        self._prefixshare_patch_trainer_models()  # after TRL's __init__: its checks come first
         # GRPO's entropy bonus (entropy_coef != 0 or use_adaptive_entropy) back-propagates through the per-token
         # entropies: the policy's forward then returns them with their graph. Read from the config too, so that
         # a TRL without the _entropy_bonus_enabled attribute still gets the gradient.
