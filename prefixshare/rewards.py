@@ -37,11 +37,15 @@ from .patch import expect_layout_applied
 from .structure import unwrap_model
 from .tokenization import common_prefix_length
 
-__all__ = ["POSITIONS_KEY", "RewardCollator", "response_rewards", "reward_positions"]
+__all__ = ["PAD_KEY", "POSITIONS_KEY", "RewardCollator", "response_rewards", "reward_positions"]
 
 POSITIONS_KEY = "prefixshare_reward_positions"
 """Batch key: ``[n, K]`` long, the flat index (``row * L + t``) of the token whose score is each response's
 reward (the last non-pad token of its ``prompt+response`` sequence). Not a model argument."""
+
+PAD_KEY = "prefixshare_reward_pad_token_id"
+"""Batch key: the ``pad_token_id`` the :class:`RewardCollator` read :data:`POSITIONS_KEY` with (an int); checked
+against the model's ``config.pad_token_id`` by :func:`response_rewards`. Not a model argument."""
 
 
 def reward_positions(layout: PrefixShareLayout, input_ids: torch.Tensor, pad_token_id: int | None) -> torch.Tensor:
@@ -176,6 +180,7 @@ class RewardCollator:
         batch = PrefixShareBatch(input_ids=input_ids, position_ids=layout.position_ids, use_cache=False)
         batch[LAYOUT_KEY] = layout
         batch[POSITIONS_KEY] = reward_positions(layout, input_ids, self.pad_token_id)
+        batch[PAD_KEY] = self.pad_token_id
         if "margin" in examples[0]:
             batch["margin"] = torch.tensor([float(e["margin"]) for e in examples], dtype=torch.float32)
         return batch
@@ -209,7 +214,7 @@ def response_rewards(model, batch: Mapping, *, positions: torch.Tensor | None = 
     Raises:
         ValueError: a model without a ``score`` head, or whose forward does not call it once on every position; a
             model without ``config.pad_token_id`` given a collated batch (or one of more than one row) and no
-            ``positions``.
+            ``positions``; a batch collated with another ``pad_token_id`` than the model's.
         LayoutNotAppliedError: the forward did not apply the batch's layout in every attention layer.
     """
     layout = batch[LAYOUT_KEY]
@@ -222,6 +227,16 @@ def response_rewards(model, batch: Mapping, *, positions: torch.Tensor | None = 
             f"prefixshare.response_rewards: {type(unwrap_model(model)).__name__} has no config.pad_token_id; set "
             "model.config.pad_token_id to the pad_token_id of the RewardCollator (the tokenizer's pad token id), "
             "the token the model's pooling skips, so that each reward is read where the model reads it"
+        )
+    collated_pad = batch.get(PAD_KEY)
+    if pad_token_id is not None and collated_pad is not None and collated_pad != pad_token_id:
+        # the collator read each reward before its last pad token, the model's own pooling reads before its
+        # config's: at a sequence that ends in either id they read different tokens (a silent wrong reward)
+        raise ValueError(
+            f"prefixshare.response_rewards: the batch was collated with pad_token_id={collated_pad}, but "
+            f"{type(unwrap_model(model)).__name__}'s config.pad_token_id is {pad_token_id}: the rewards would be read "
+            "at other tokens than the model reads them alone. Give RewardCollator the model's pad_token_id (or set "
+            f"model.config.pad_token_id = {collated_pad} if that is the tokenizer's pad token)"
         )
     if positions is None:
         positions = batch.get(POSITIONS_KEY)

@@ -411,3 +411,15 @@ def test_pad_token_id_missing_from_the_config(tokenizer):
     keys = ("chosen_ids", "rejected_ids")
     want = torch.tensor([[model(input_ids=torch.tensor([e[k]])).logits[0, 0].item() for k in keys] for e in examples])
     torch.testing.assert_close(response_rewards(model, RewardCollator(0)(examples))[..., 0].detach(), want)
+
+
+def test_a_collator_pad_id_other_than_the_models_is_refused(tokenizer):
+    """RewardCollator(pad_token_id=0) with a model whose config.pad_token_id is 2 and sequences ending in 2: the reward
+    was read at another token than the model alone reads it (0.4 vs 0.25 on the chosen response), silently."""
+    model = prefixshare.patch(classifier(vocab_size=32, pad_token_id=2))
+    examples = [{"chosen_ids": [1, 5, 6, 2], "rejected_ids": [1, 5, 8]}, {"chosen_ids": [1, 9, 3], "rejected_ids": [1, 9, 4, 2]}]
+    with pytest.raises(ValueError, match=r"collated with pad_token_id=0, but .*config.pad_token_id is 2"):
+        response_rewards(model, RewardCollator(0)(examples))
+    keys = ("chosen_ids", "rejected_ids")
+    want = torch.tensor([[model(input_ids=torch.tensor([e[k]])).logits[0, 0].item() for k in keys] for e in examples])
+    torch.testing.assert_close(response_rewards(model, RewardCollator(2)(examples))[..., 0].detach(), want)
