@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ..masks import additive_mask
-from ._common import check_shapes, repeat_kv
+from ._common import check_shapes, isolate_nonfinite, reached_heads, repeat_kv
 
 
 def eager_attention(
@@ -14,6 +14,11 @@ def eager_attention(
 ):
     """Shapes as in :mod:`prefixshare.backends`; returns the attention weights too, like transformers' eager."""
     n_rep = check_shapes(query, key)
+    key, value, reached = isolate_nonfinite(key, value, layout, sliding_window)
+    # a query that may see a non-finite key or value is made NaN: its row of scores, hence its weights (returned
+    # too, so they must not be finite numbers that differ from the run alone) and its output are NaN, and other
+    # rows never read it. (Cheaper than marking the [B, H, L, L] weights.)
+    query = query.masked_fill(reached_heads(reached, query.shape[1]).transpose(1, 2)[..., None], float("nan"))
     key, value = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling
     if softcap is not None:

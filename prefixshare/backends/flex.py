@@ -9,7 +9,7 @@ import torch
 from packaging.version import Version
 
 from ..masks import block_mask
-from ._common import check_shapes
+from ._common import check_shapes, isolate_nonfinite, mark_reached
 
 # lengths padded to whole 128-token blocks (the BlockMask's block size), so batches share few shapes
 ALIGNMENT = 128
@@ -103,6 +103,9 @@ def flex_attention(
             "(forward-only use such as reference log-probs under torch.no_grad() works on CPU)"
         )
     n_rep = check_shapes(query, key)
+    # masked scores are -inf whatever the key, but a masked probability 0 times an inf/NaN value is NaN in the
+    # blocks the kernel computes: see isolate_nonfinite (on the unpadded layout, before the padding)
+    key, value, reached = isolate_nonfinite(key, value, layout, sliding_window)
     L = query.shape[2]
     padded_length = aligned_length(L) if query.device.type == "cuda" else L
     if padded_length != L:
@@ -126,4 +129,4 @@ def flex_attention(
     if sinks is not None:
         out, aux = out
         out = _apply_sinks(out, getattr(aux, "lse", aux), sinks)
-    return out[:, :, :L].transpose(1, 2).contiguous(), None
+    return mark_reached(out[:, :, :L].transpose(1, 2).contiguous(), reached), None

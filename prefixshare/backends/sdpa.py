@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..masks import dense_bool_mask
-from ._common import check_shapes, repeat_kv
+from ._common import check_shapes, isolate_nonfinite, mark_reached, repeat_kv
 
 
 def _with_sink_key(query, key, value, mask, sinks, scaling):
@@ -41,6 +41,7 @@ def sdpa_attention(
             "or call prefixshare.patch(model, backend='eager')"
         )
     n_rep = check_shapes(query, key)
+    key, value, reached = isolate_nonfinite(key, value, layout, sliding_window)
     mask = dense_bool_mask(layout, sliding_window)
     if sinks is not None:
         query, key, value, mask = _with_sink_key(query, key, value, mask, sinks, scaling)
@@ -54,4 +55,4 @@ def sdpa_attention(
         scale=scaling,
         enable_gqa=n_rep > 1,
     )
-    return out.transpose(1, 2).contiguous(), None
+    return mark_reached(out.transpose(1, 2).contiguous(), reached), None

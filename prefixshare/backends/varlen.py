@@ -19,7 +19,7 @@ import inspect
 
 import torch
 
-from ._common import check_shapes
+from ._common import check_shapes, isolate_nonfinite, mark_reached
 
 
 @functools.cache
@@ -111,6 +111,11 @@ def varlen_attention(
             "varlen kernels have no sink; use prefixshare.patch(model, backend='eager'), 'sdpa' or 'flex_attention'"
         )
     n_rep = check_shapes(query, key)
+    # each sequence holds only keys its queries may see, but causally masked later keys of its own response (and,
+    # in a unit's first sequence, the first response's keys for the prompt's queries) sit in the same blocks:
+    # 0 times an inf/NaN value is NaN there, so key/value vectors holding one are zeroed first; the padding is never
+    # gathered, and queries that see a zeroed vector come out NaN (see isolate_nonfinite)
+    key, value, reached = isolate_nonfinite(key, value, layout, sliding_window)
     B, H, L, D = query.shape
     H_kv = key.shape[1]
     D_v = value.shape[-1]
@@ -132,4 +137,4 @@ def varlen_attention(
     )
     out = out[..., :D_v]
     result = out.new_zeros(B * L, H, D_v).index_copy(0, seq.query_index, out)
-    return result.view(B, L, H, D_v), None
+    return mark_reached(result.view(B, L, H, D_v), reached), None
