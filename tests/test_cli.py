@@ -263,3 +263,16 @@ def test_bench_stops_at_its_time_budget(tmp_path, capsys):
     lines = [json.loads(line) for line in (tmp_path / "b.jsonl").read_text().splitlines()]
     assert [line["kind"] for line in lines] == ["skipped"] * len(bench.FORMATS)
     assert "time budget of 0 s spent" in capsys.readouterr().out
+
+
+def test_bench_splits_each_cells_time_into_phases(tmp_path, capsys):
+    code = cli.main(["bench", "--profiles", "hh-rlhf", "--backends", "sdpa", "--examples-per-step", "2", "--steps", "1",
+                     "--out-dir", str(tmp_path), "--name", "b"])  # fmt: skip
+    assert code == 0
+    cells = [json.loads(line) for line in (tmp_path / "b.jsonl").read_text().splitlines()]
+    assert all(c["kind"] == "measurement" and c["warm_up_s"] > 0 and c["step_s"] > 0 for c in cells)
+    first, *rest = cells  # the first cell of the backend built and patched its model
+    assert first["build_s"] > 0 and first["patch_s"] > 0 and all(c["build_s"] == c["patch_s"] == 0 for c in rest)
+    assert "model built in" in capsys.readouterr().err
+    saved = json.loads((tmp_path / "b.json").read_text())["measurements"]
+    assert [m["warm_up_s"] for m in saved] == [c["warm_up_s"] for c in cells]

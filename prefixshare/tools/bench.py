@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from ._timing import RunInfo, progress_bar, run_fields, step_sizes, time_steps, warm_up
+from ._timing import RunInfo, progress_bar, run_fields, step_sizes, sync, time_steps, warm_up
 from ..backends.varlen import has_cuda_varlen_kernel
 from ..collators import PairedCollator, PrefixShareCollator
 from ..layout import PAD_SEGMENT
@@ -121,6 +121,11 @@ class Measurement:
     tokens_padded: int
     rows: int
     row_length: int
+    # where the cell's time went: its first (untimed) step or steps (compiling and autotuning on CUDA), and, in
+    # the cell that built its backend's model, building it and patching it (the self-check included)
+    warm_up_s: float = 0.0
+    build_s: float = 0.0
+    patch_s: float = 0.0
 
 
 @dataclass
@@ -164,8 +169,10 @@ def collators_for(budget: int):
 
 def build_model(
     shape: str, backend: str, dtype: torch.dtype, device: str, lora: bool, gradient_checkpointing: bool = False,
-    reward_model: bool = False,
+    reward_model: bool = False, timings: dict | None = None,
 ):
+    """The bench's model of ``shape``, built on ``device`` directly (no CPU initialization of a 1B or 8B model),
+    patched. ``timings``: filled with ``build_s`` and ``patch_s`` (the self-check included)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaConfig
 
     from .._compat import enable_gradient_checkpointing
@@ -177,7 +184,9 @@ def build_model(
         # the paired-native baseline runs the kernel the model is loaded with: FlashAttention-2 where installed
         kernel = "flash_attention_2" if device.startswith("cuda") and _has_flash_attn() else "sdpa"
     auto = AutoModelForSequenceClassification if reward_model else AutoModelForCausalLM
-    model = auto.from_config(config, attn_implementation=kernel, dtype=dtype).to(device)
+    start = time.perf_counter()
+    with torch.device(device):  # parameters allocated and initialized where they will run
+        model = auto.from_config(config, attn_implementation=kernel, dtype=dtype)
     if gradient_checkpointing:  # what fits an 8B model's activations on one GPU; the layout survives recompute
         enable_gradient_checkpointing(model, use_reentrant=False)
     if lora:
@@ -187,7 +196,13 @@ def build_model(
     model.train()
     if hasattr(model, "config"):
         model.config.use_cache = False
-    return patch(model, backend=backend)
+    sync(device)
+    built = time.perf_counter()
+    patch(model, backend=backend)
+    sync(device)
+    if timings is not None:
+        timings.update(build_s=built - start, patch_s=time.perf_counter() - built)
+    return model
 
 
 def _has_flash_attn() -> bool:
@@ -231,9 +246,12 @@ def time_format(
             values = native_logps(model, batch) if native else response_logps(model, batch).logps
         values.sum().backward()
 
+    start = time.perf_counter()
     warm_up(model, step, prepared, device)
+    sync(device)
+    warm = time.perf_counter() - start
     elapsed, peak = time_steps(model, step, timed, device)
-    return elapsed, peak, step_sizes([[batch] for batch in timed])  # one batch a step
+    return elapsed, peak, step_sizes([[batch] for batch in timed]) | {"warm_up_s": warm}  # one batch a step
 
 
 # ---------------------------------------------------------------------------------------------- what a cell needs
@@ -369,9 +387,12 @@ def run_bench(
                 "--length-scale or --examples-per-step lower it)"
             ))  # fmt: skip
             continue
+        phases = {}
         if backend not in models:
             models.clear()  # one model in memory at a time
-            models[backend] = build_model(shape, backend, dtype, device, lora, gradient_checkpointing, reward_model)
+            models[backend] = build_model(
+                shape, backend, dtype, device, lora, gradient_checkpointing, reward_model, timings=phases
+            )
         try:
             step_s, peak, sizes = time_format(
                 models[backend], collators[fmt], batches, device, native=fmt == "paired-native", reward_model=reward_model
@@ -382,7 +403,7 @@ def run_bench(
             report("out_of_memory", cell | dict(error=str(error).split("\n")[0]))
             continue
         report("measurement", asdict(Measurement(
-            profile, backend, fmt, examples_per_step / step_s, step_s, peak, **sizes
+            profile, backend, fmt, examples_per_step / step_s, step_s, peak, **sizes, **phases
         )))  # fmt: skip
     return result
 

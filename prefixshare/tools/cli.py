@@ -98,6 +98,14 @@ CPU_LENGTH_SCALE = 0.25
 CPU_TIME_BUDGET_S = 480.0
 
 
+def _phases(record: dict) -> str:
+    """A measured cell in words: its throughput and where its time went."""
+    text = f"{record['samples_per_s']:.2f} samples/s (step {record['step_s']:.3f} s, warm-up {record['warm_up_s']:.2f} s"
+    if record.get("build_s") or record.get("patch_s"):
+        text += f", model built in {record['build_s']:.2f} s, patched in {record['patch_s']:.2f} s"
+    return text + ")"
+
+
 def _cell_log(args, default_name: str):
     """``on_cell`` of the benches: one line per finished cell on stderr, and with ``--out-dir`` one JSON line per cell
     appended to ``NAME.jsonl`` as it finishes (a run stopped at any point keeps every cell it finished)."""
@@ -110,7 +118,7 @@ def _cell_log(args, default_name: str):
         open(path, "w").close()
 
     def on_cell(kind: str, record: dict) -> None:
-        what = {"measurement": lambda r: f"{r['samples_per_s']:.2f} samples/s", "out_of_memory": lambda r: "out of memory",
+        what = {"measurement": _phases, "out_of_memory": lambda r: "out of memory",
                 "skipped": lambda r: f"not run: {r['reason']}"}[kind](record)  # fmt: skip
         print(f"  {record['profile']} {record['backend']} {record['format']}: {what}", file=sys.stderr, flush=True)
         if path:
