@@ -40,6 +40,19 @@ def classifier(architecture="llama", vocab_size=100, seed=0, **overrides):
     return AutoModelForSequenceClassification.from_config(config, attn_implementation="eager")
 
 
+def scores_alone(model, examples):
+    """Each sequence's score run alone through the model, and the gradients of every parameter for each."""
+    want, want_grads = [], []
+    for e in examples:
+        for key in ("chosen_ids", "rejected_ids"):
+            model.zero_grad()
+            score = model(input_ids=torch.tensor([e[key]])).logits[0, 0]
+            score.backward()
+            want.append(score.item())
+            want_grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    return want, want_grads
+
+
 def config(tmp_path, **overrides):
     values = dict(
         output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, per_device_eval_batch_size=4,
@@ -93,14 +106,7 @@ def test_rewards_equal_those_of_each_sequence_alone(architecture):
     ]
     model = classifier(architecture, vocab_size=32).eval()
     model.config.pad_token_id = 0
-    want, want_grads = [], []
-    for e in examples:
-        for key in ("chosen_ids", "rejected_ids"):
-            model.zero_grad()
-            score = model(input_ids=torch.tensor([e[key]])).logits[0, 0]
-            score.backward()
-            want.append(score.item())
-            want_grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    want, want_grads = scores_alone(model, examples)
     want = torch.tensor(want).view(len(examples), 2)
     prefixshare.patch(model)
     for collator in (RewardCollator(0), RewardCollator(0, max_tokens_per_row=20), RewardCollator(0, padding_free=True)):
@@ -154,14 +160,7 @@ def test_layer_norm_reward_models_patch_and_equal_each_sequence_alone(kind, dtyp
     with leaky_layout(), pytest.raises(SelfCheckError):  # the negative control: the probe still sees a leak here
         prefixshare.patch(_layer_norm_classifier(kind, dtype, attention))
     model = _layer_norm_classifier(kind, dtype, attention)
-    want, want_grads = [], []
-    for e in examples:
-        for key in ("chosen_ids", "rejected_ids"):
-            model.zero_grad()
-            score = model(input_ids=torch.tensor([e[key]])).logits[0, 0]
-            score.backward()
-            want.append(score.item())
-            want_grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    want, want_grads = scores_alone(model, examples)
     want = torch.tensor(want, dtype=dtype).view(len(examples), 2)
     prefixshare.patch(model)  # (the self-check runs here)
     tolerance = 1e-5 if dtype == torch.float32 else 1e-12
