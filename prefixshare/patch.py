@@ -519,8 +519,10 @@ def _refuse_unsupported_structure(inner) -> None:
 
 
 def _refuse_backend_features(inner, backend: str) -> None:
-    """Raise ValueError if the model has an attention feature that ``backend`` cannot apply, naming those that can."""
-    for feature, modules in attention_features(inner).items():
+    """Raise ValueError if the model has an attention feature that ``backend`` cannot apply, naming those that can
+    (for varlen on a GPU: that none of the installed CUDA kernels its forwards would reach can apply)."""
+    features = attention_features(inner)
+    for feature, modules in features.items():
         able = FEATURES[feature]
         if backend not in able:
             raise ValueError(
@@ -528,6 +530,13 @@ def _refuse_backend_features(inner, backend: str) -> None:
                 f"backend cannot apply; use {' or '.join(repr(b) for b in able)}: prefixshare.patch(model, "
                 f"backend={able[0]!r}) (or load the model with attn_implementation={able[0]!r})"
             )
+    if backend == "varlen":
+        from .backends.varlen import refuse_missing_kernel_features
+
+        weight = inner.get_input_embeddings().weight
+        refuse_missing_kernel_features(
+            weight.device, autocast_dtype(weight.device) or weight.dtype, softcap="attention logit softcap" in features
+        )
 
 
 def _text_decoder_configs(inner) -> list:

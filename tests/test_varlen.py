@@ -1,6 +1,7 @@
 """The varlen backend: its sequence table equals the layout's predicate; exact against runs alone."""
 
 import copy
+import inspect
 
 import pytest
 import torch
@@ -9,7 +10,8 @@ from hypothesis import strategies as st
 
 import prefixshare as ps
 from prefixshare._compat import set_attn_implementation
-from prefixshare.backends.varlen import _run_kernel, has_cuda_varlen_kernel, reference_varlen
+from prefixshare.backends import varlen
+from prefixshare.backends.varlen import has_cuda_varlen_kernel, reference_varlen
 from prefixshare.masks import dense_bool_mask
 from prefixshare.testing import compare_with_alone, random_examples
 from prefixshare.testing import tiny_model
@@ -73,12 +75,15 @@ def test_flash_attention_kernels_map_to_varlen():
 
 @pytest.mark.skipif(
     not (torch.cuda.is_available() and has_cuda_varlen_kernel()),
-    reason="needs a GPU with flash-attn or torch's varlen_attn: checks the CUDA varlen kernel's alignment "
-    "(without one _run_kernel falls back to the reference, which would be compared with itself)",
+    reason="needs a GPU with a CUDA varlen kernel (FlashAttention-2/3/4 or torch's varlen_attn): checks each kernel's "
+    "alignment, windows, softcap, grouped-query heads and gradients against the reference (on CPU the adapters are "
+    "checked through stand-ins: tests/test_varlen_kernels.py)",
 )
+@pytest.mark.parametrize("softcap", [None, 3.0])
 @pytest.mark.parametrize("window", [None, 5])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_cuda_varlen_kernel_aligns_bottom_right(window, dtype):
+def test_cuda_varlen_kernels_match_the_reference(window, softcap, dtype):
+    """Every installed kernel that runs on this GPU, one by one (not only the one selected first)."""
     layout = ps.PrefixShareCollator(0, max_tokens_per_row=200)(
         random_examples(6, 50, seed=1, num_responses=3, prompt_lengths=(1, 40), response_lengths=(1, 30))
     ).layout.to("cuda")
@@ -87,28 +92,33 @@ def test_cuda_varlen_kernel_aligns_bottom_right(window, dtype):
     q = torch.randn(len(seq.query_index), 8, 64, device="cuda", dtype=dtype, generator=g)
     k = torch.randn(len(seq.key_index), 2, 64, device="cuda", dtype=dtype, generator=g)
     v = torch.randn(len(seq.key_index), 2, 64, device="cuda", dtype=dtype, generator=g)
-    options = dict(scale=0.125, window_left=-1 if window is None else window - 1, softcap=None, enable_gqa=True)
-    got = _run_kernel(q, k, v, seq, **options)
-    want = reference_varlen(q.float(), k.float(), v.float(), seq, **options)
-    torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
+    weights = torch.randn(q.shape, device="cuda", generator=g)
+    options = dict(scale=0.125, window_left=-1 if window is None else window - 1, softcap=softcap)
+    ref = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    want = reference_varlen(*ref, seq, **options, enable_gqa=True)
+    want_grads = torch.autograd.grad((want * weights).sum(), ref)
+    ran = []
+    for kernel in varlen._installed(torch.cuda.get_device_capability()):
+        if kernel.missing(**options, head_dim=64):
+            with pytest.raises(ValueError):
+                kernel.run(q, k, v, seq, **options)
+            continue
+        inputs = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        got = kernel.run(*inputs, seq, **options)
+        torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2, msg=lambda m: f"{kernel.name}: {m}")
+        grads = torch.autograd.grad((got.float() * weights).sum(), inputs)
+        for name, grad, expected in zip("qkv", grads, want_grads):
+            torch.testing.assert_close(
+                grad.float(), expected, atol=5e-2, rtol=5e-2, msg=lambda m: f"{kernel.name}, d{name}: {m}"
+            )
+        ran.append(kernel.name)
+    assert ran or softcap is not None or window is not None, "no installed kernel ran the plain case"
 
 
-def test_torch_varlen_kernel_needs_scale_window_and_gqa(monkeypatch):
-    varlen_module = pytest.importorskip("torch.nn.attention.varlen")
-    from prefixshare.backends import varlen
-
-    def first_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
-        raise AssertionError("not to be called")  # torch 2.10's signature
-
-    def later_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
-                          window_size=(-1, -1), enable_gqa=False):
-        raise AssertionError("not to be called")
-
-    try:
-        for kernel, usable in ((first_varlen_attn, False), (later_varlen_attn, True)):
-            monkeypatch.setattr(varlen_module, "varlen_attn", kernel)
-            varlen._torch_varlen.cache_clear()
-            assert (varlen._torch_varlen() is kernel) is usable
-    finally:
-        monkeypatch.undo()
-        varlen._torch_varlen.cache_clear()
+def test_the_installed_torch_varlen_attn_is_recognised():
+    """The one real kernel signature on a CPU machine: this torch's varlen_attn, where it has one."""
+    pytest.importorskip("torch.nn.attention.varlen")
+    kernel = varlen._recognise_torch_varlen(varlen._torch_varlen())
+    assert kernel is not None and kernel.window and not kernel.softcap
+    parameters = inspect.signature(varlen._torch_varlen()).parameters
+    assert kernel.gqa == ("enable_gqa" in parameters) and kernel.scale == ("scale" in parameters)

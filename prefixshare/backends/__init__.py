@@ -30,7 +30,10 @@ BACKENDS = {
 }
 
 # attention features a model may have -> the backends that apply them (every backend applies sliding windows
-# in logical positions, grouped-query heads and a value head dim other than the query/key one)
+# in logical positions, grouped-query heads and a value head dim other than the query/key one). varlen applies a
+# softcap through its reference kernel and the CUDA kernels that have one (flash-attn >= 2.6, FlashAttention-3
+# releases with softcap, FlashAttention-4); where a GPU forward would reach only kernels without (torch's
+# varlen_attn), patch refuses it too (prefixshare.backends.varlen.refuse_missing_kernel_features)
 FEATURES = {
     "attention sinks": ("eager", "sdpa", "flex_attention"),
     "attention logit softcap": ("eager", "flex_attention", "varlen"),
