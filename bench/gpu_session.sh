@@ -22,6 +22,9 @@ shift
 mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 limit=${STEP_TIMEOUT:-540}
+# the benches start no cell after this many seconds, so that they end with their tables before the step's timeout
+# (every finished cell is also in OUT_DIR/NAME.jsonl the moment it ends)
+budget=${BENCH_BUDGET:-$(( limit - 90 ))}
 
 {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -33,10 +36,10 @@ cat "$out/machine.txt"
 status=0
 for step in "$@"; do
     case $step in
-        kernels) command=(python3 -m pytest -q -p no:cacheprovider -rs tests/test_varlen.py tests/test_flex.py) ;;
+        kernels) command=(python3 -m pytest -q -p no:cacheprovider -rs tests/test_varlen.py tests/test_varlen_kernels.py tests/test_flex.py) ;;
         matrix) command=(python3 compat/run_matrix.py --adapter full,lora --out "$out/MATRIX.md" --json "$out/matrix.json") ;;
-        bench-1b) command=(python3 -m prefixshare bench --shape 1b --gradient-checkpointing --out-dir "$out" ${BENCH_ARGS:-}) ;;
-        bench-8b) command=(python3 -m prefixshare bench --shape 8b --lora --gradient-checkpointing --out-dir "$out" ${BENCH_ARGS:-}) ;;
+        bench-1b) command=(python3 -m prefixshare bench --shape 1b --gradient-checkpointing --time-budget "$budget" --out-dir "$out" ${BENCH_ARGS:-}) ;;
+        bench-8b) command=(python3 -m prefixshare bench --shape 8b --lora --gradient-checkpointing --time-budget "$budget" --out-dir "$out" ${BENCH_ARGS:-}) ;;
         *) echo "unknown step $step (kernels, matrix, bench-1b, bench-8b)" >&2; exit 2 ;;
     esac
     echo "== $step: ${command[*]}"
