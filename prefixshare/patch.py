@@ -646,7 +646,7 @@ def patch(model, backend: str | None = None, *, allow_unverified: bool | None = 
         from .selfcheck import SelfCheckError, self_check
 
         try:
-            self_check(inner, kernels={name for _, chosen, kernel in choices for name in (chosen, kernel)})
+            self_check(inner)
         except Exception as error:
             for config, name in previous:
                 set_attn_implementation(config, name)
@@ -699,6 +699,16 @@ def is_patched(model) -> bool:
     """Whether the text decoder of ``model`` (or of the transformers model inside its wrappers) is patched."""
     inner = unwrap_model(model)
     return any(_parse(get_attn_implementation(c)) for c in _decoder_configs(inner))
+
+
+def attention_kernels(model) -> set[str]:
+    """The attention implementations a patched ``model`` runs: its backends for prefix-shared forwards and the
+    kernels it was loaded with (for every other forward, the self-check's runs alone included)."""
+    names = set()
+    for config in _decoder_configs(unwrap_model(model)):
+        parsed = _parse(get_attn_implementation(config))
+        names.update(parsed if parsed else ())
+    return names
 
 
 def patched_backend(model) -> str | None:

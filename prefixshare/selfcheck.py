@@ -258,7 +258,7 @@ def _precision(dtype: torch.dtype, autocast: set, kernels) -> tuple[torch.dtype,
     return computed, described
 
 
-def self_check(model, *, seed: int = 0, kernels=()) -> dict[str, float | str]:
+def self_check(model, *, seed: int = 0, kernels=None) -> dict[str, float | str]:
     """Compare a patched ``model`` with itself unpatched on random prompts; raise :class:`SelfCheckError` if
     they differ. Returns the errors measured (``logps``, ``logps_packed``, ``gradients``) for the record, the
     precision they were judged at (``precision``), and ``gradients_not_checked`` (why) where the gradients could
@@ -267,9 +267,12 @@ def self_check(model, *, seed: int = 0, kernels=()) -> dict[str, float | str]:
     ``model`` must already be patched (its hooks and attention implementation set); it is left as it was. It may
     be called under ``torch.autocast`` (the tolerance follows), ``torch.no_grad()`` or ``torch.inference_mode()``
     (gradients are enabled inside the probe). ``kernels``: the attention implementations the two sides run (the
-    patched backend and the model's own), for the precision they compute in.
+    patched backend and the model's own), for the precision they compute in; None: read off the patched model.
     """
+    from .patch import attention_kernels  # (patch imports this module when it runs the check)
+
     inner = unwrap_model(model)
+    kernels = attention_kernels(inner) if kernels is None else set(kernels)
     embeddings = inner.get_input_embeddings()
     device = embeddings.weight.device
     dtype = embeddings.weight.dtype if embeddings.weight.is_floating_point() else torch.float32
