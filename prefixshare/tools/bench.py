@@ -308,13 +308,13 @@ def available_memory_bytes(device: str) -> int:
 def available_backends(device: str) -> list[str]:
     """Backends that train (forward and backward) at speed on ``device``.
 
-    On CUDA: sdpa, FlexAttention, and varlen where flash-attn or torch's varlen kernel is installed (eager
-    materializes every score; ``--backends eager`` still measures it). Off CUDA, varlen runs its reference
-    kernel (a loop over sequences, for exactness, not speed) and FlexAttention has no backward.
+    On CUDA: sdpa, FlexAttention, and varlen where a CUDA varlen kernel is installed. Elsewhere sdpa only: eager
+    materializes every score (``--backends eager,sdpa`` still measures it), varlen runs its reference kernel (a
+    loop over sequences, for exactness, not speed) and FlexAttention has no backward.
     """
     if device.startswith("cuda"):
         return ["sdpa", "flex_attention"] + (["varlen"] if has_cuda_varlen_kernel() else [])
-    return ["eager", "sdpa"]
+    return ["sdpa"]
 
 
 def run_bench(

@@ -234,7 +234,7 @@ def main(argv=None) -> int:
                    "capybara,hh-rlhf,metamath-dpo,tldr,tulu-helpsteer,ultrafeedback (default: all six, none with --data)")
     b.add_argument("--data", nargs="+", help="real preference data files (json/jsonl[.gz]); needs --tokenizer")
     b.add_argument("--tokenizer", help="tokenizer directory or SentencePiece .model file")
-    b.add_argument("--backends", help="comma-separated: eager,sdpa,varlen,flex_attention (default: eager,sdpa on CPU; "
+    b.add_argument("--backends", help="comma-separated: eager,sdpa,varlen,flex_attention (default: sdpa on CPU; "
                    "sdpa,flex_attention and, where a CUDA varlen kernel is installed, varlen on GPU)")
     b.add_argument("--shape", choices=["test", "tiny", "1b", "8b"],
                    help="model shape (default: tiny on CPU, 1b on GPU; test: the test suite's tiny Llama, --self-check only)")
