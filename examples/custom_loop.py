@@ -3,7 +3,7 @@
 The whole integration is one line, ``prefixshare.patch(model)``, plus the collator: each batch holds
 ``[prompt | chosen | rejected]`` sequences, so every prompt is computed once instead of twice.
 
-    # offline, CPU, well under a minute: a tiny llama learns the shipped toy preferences from scratch
+    # offline, CPU, 9 s (measured 2026-12-04 on the project's 2-core Intel Xeon CPU machine while other jobs shared it): a tiny llama learns the shipped toy preferences from scratch
     python examples/custom_loop.py
 
     # the baseline format (each response with its own copy of the prompt), packed rows, another loss

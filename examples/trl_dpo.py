@@ -7,7 +7,7 @@ Everything else (DPOConfig, the dataset in TRL's formats, the tokenizer, PEFT, t
 is. Each batch then holds one ``[prompt | chosen | rejected]`` sequence per pair instead of two
 ``[prompt | completion]`` rows, so every prompt is computed once.
 
-    # offline, CPU, about a minute: a tiny llama trained on the shipped toy preferences
+    # offline, CPU, 71 s (measured 2026-12-04 on the project's 2-core Intel Xeon CPU machine while other jobs shared it): a tiny llama trained on the shipped toy preferences
     python examples/trl_dpo.py
 
     # the same run with TRL's own DPOTrainer, for comparison (same numbers, more tokens)
