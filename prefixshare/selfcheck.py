@@ -246,11 +246,21 @@ def _observed_autocast(model, device):
             handle.remove()
 
 
-def _precision(dtype: torch.dtype, autocast: set, kernels) -> tuple[torch.dtype, str]:
-    """The dtype the probe computed in (the coarsest of the parameters', autocast's and, for a kernel with a
-    float32 softmax, float32), and its description."""
+def _layer_compute_dtypes(model) -> set:
+    """The dtypes layers compute in whatever the parameters' dtype: a quantized layer's ``compute_dtype``
+    (bitsandbytes' 4-bit layers cast their input to ``bnb_4bit_compute_dtype``)."""
+    return {m.compute_dtype for m in model.modules() if isinstance(getattr(m, "compute_dtype", None), torch.dtype)}
+
+
+def _precision(dtype: torch.dtype, autocast: set, kernels, layers: set = frozenset()) -> tuple[torch.dtype, str]:
+    """The dtype the probe computed in (the coarsest of the parameters', autocast's, quantized layers' compute
+    dtype and, for a kernel with a float32 softmax, float32), and its description."""
     used = sorted({str(d).removeprefix("torch.") for d in autocast if d is not None})
     described = str(dtype) + (f" under {'/'.join(used)} autocast" if used else "")
+    coarser_layers = sorted(str(d).removeprefix("torch.") for d in layers if coarsest([d, dtype, *autocast]) == d != dtype)
+    if coarser_layers:
+        described += f", quantized layers computing in {'/'.join(coarser_layers)}"
+    autocast = {*autocast, *layers}
     softmax = torch.float32 if set(kernels) & SOFTMAX_IN_FLOAT32 else None
     computed = coarsest([dtype, *autocast, softmax])
     if computed != coarsest([dtype, *autocast]):
@@ -282,6 +292,7 @@ def self_check(model, *, seed: int = 0, kernels=None) -> dict[str, float | str]:
     parameters = _checked_parameters(inner)
     distributed = any(type(p).__name__ == "DTensor" for _, p in parameters)
     name = type(inner).__name__
+    layers = _layer_compute_dtypes(inner)
     compared = "log-probs" if _has_lm_head(inner) else "last hidden states"
     with eval_mode(inner), _bitsandbytes_default_path(inner), _observed_autocast(inner, device) as autocast:
         with torch.no_grad():
@@ -290,7 +301,7 @@ def self_check(model, *, seed: int = 0, kernels=None) -> dict[str, float | str]:
             batch = PrefixShareCollator(0, max_tokens_per_row=rows)(examples).to(device)
             with torch.no_grad():
                 shared = _shared_values(inner, batch)
-            compute, described = _precision(dtype, autocast, kernels)
+            compute, described = _precision(dtype, autocast, kernels, layers)
             tolerance = TOLERANCE.get(compute, 2e-2)
             error = _relative_error(shared, alone)
             errors["logps" if rows is None else "logps_packed"] = error
@@ -317,7 +328,7 @@ def self_check(model, *, seed: int = 0, kernels=None) -> dict[str, float | str]:
                 errors["gradients_not_checked"] = "FlexAttention on CPU runs forward only"
             else:
                 worst, worst_name = gradients
-                compute, described = _precision(dtype, autocast, kernels)
+                compute, described = _precision(dtype, autocast, kernels, layers)
                 gradient_tolerance = GRADIENT_TOLERANCE.get(compute, 1e-1)
                 if not worst <= gradient_tolerance:
                     raise SelfCheckError(
@@ -326,7 +337,7 @@ def self_check(model, *, seed: int = 0, kernels=None) -> dict[str, float | str]:
                         "left unpatched."
                     )
                 errors["gradients"] = worst
-    errors["precision"] = _precision(dtype, autocast, kernels)[1]
+    errors["precision"] = _precision(dtype, autocast, kernels, layers)[1]
     return errors
 
 

@@ -175,3 +175,25 @@ def test_a_nan_pad_embedding_does_not_fail_the_probe(attn_implementation):
         model.model.embed_tokens.weight[0] = float("nan")
     errors = self_check(patch(model), kernels={attn_implementation})
     assert is_patched(model) and errors["logps_packed"] < 1e-4 and errors["gradients"] < 1e-3
+
+
+def test_qlora_computing_in_float16_is_judged_at_float16(tmp_path):
+    """bnb_4bit_compute_dtype=float16 over float32 weights (TRL's test_peft_with_quantization): the 4-bit layers
+    compute in float16 whatever the parameters' dtype; the probe judged them at float32's bounds, and refused TRL's
+    tiny Qwen2 there (a LoRA gradient 9.5e-3 > 1e-3). This tiny model stays under it; the precision shows the rule."""
+    pytest.importorskip("bitsandbytes")
+    peft = pytest.importorskip("peft")
+    import warnings
+
+    from transformers import BitsAndBytesConfig
+
+    tiny_model("qwen2").save_pretrained(tmp_path)
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_use_double_quant=True, bnb_4bit_quant_type="nf4",
+                                      bnb_4bit_compute_dtype=torch.float16)  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=quantization, dtype=torch.float32)
+        model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+        errors = self_check(patch(model))
+    assert is_patched(model) and "quantized layers computing in float16" in errors["precision"]
+    assert errors["gradients"] < 2e-2
