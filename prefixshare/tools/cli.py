@@ -206,6 +206,18 @@ def sentencepiece_tokenizer(model_file: str):
 
 
 def _stats(args) -> int:
+    import warnings
+
+    # a command prints what it noticed as a note, not as a Python warning with a source line
+    with warnings.catch_warnings(record=True) as noticed:
+        warnings.simplefilter("always", UserWarning)
+        code = _stats_report(args)
+    for warning in noticed:
+        print(f"prefixshare stats: note: {warning.message}", file=sys.stderr)
+    return code
+
+
+def _stats_report(args) -> int:
     from ..data import load_preferences, tokenize_preferences
     from .stats import dataset_stats, format_stats
 
