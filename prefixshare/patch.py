@@ -673,7 +673,11 @@ def _check_key(inner, backends) -> tuple:
     """What a self-check result holds for: the backends, the parameters' dtype and device type, and the autocast
     dtype in force where ``patch`` is called (a TRL drop-in patches inside the trainer's autocast). ``patch`` runs
     the self-check again for a key it has not passed (after ``model.to(torch.bfloat16)``, under autocast)."""
-    weight = inner.get_input_embeddings().weight
+    get = getattr(inner, "get_input_embeddings", None)
+    embeddings = get() if callable(get) else None
+    weight = getattr(embeddings, "weight", None)
+    if not isinstance(weight, torch.Tensor):  # (no token embeddings to read: the first parameter says as much)
+        weight = next(inner.parameters(), torch.empty(0))
     return tuple(sorted(backends)), weight.dtype, weight.device.type, autocast_dtype(weight.device)
 
 
