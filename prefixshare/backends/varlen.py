@@ -170,6 +170,23 @@ def _keywords(names, q, k, v, seq, *, with_max: bool = True) -> dict:
     return dict(zip(names, values if with_max else values[:5]))
 
 
+def _flash_call(*, window: bool, no_window, with_max: bool = True) -> Callable:
+    """The call of a flash kernel (FA2, FA3, FA4): keyword arguments under flash-attn's names, ``causal=True``, the
+    window ``(W - 1, 0)`` where it takes one (``no_window``: what means no window, -1 or FA4's None), the softcap
+    where the model has one, ``max_seqlen_*`` where it takes them."""
+
+    def call(fn, q, k, v, seq, *, scale, window_left, softcap):
+        kwargs = _keywords(_FLASH_NAMES, q, k, v, seq, with_max=with_max)
+        kwargs.update(softmax_scale=scale, causal=True)
+        if window:
+            kwargs["window_size"] = (no_window if window_left < 0 else window_left, 0)
+        if softcap is not None:
+            kwargs["softcap"] = softcap
+        return fn(**kwargs)
+
+    return call
+
+
 @functools.lru_cache(maxsize=None)
 def _recognise_flash_attn_3(fn) -> VarlenKernel | None:
     """``flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, ...,
@@ -183,16 +200,7 @@ def _recognise_flash_attn_3(fn) -> VarlenKernel | None:
     needed = {*_FLASH_NAMES, "softmax_scale", "causal"}
     if not _takes(parameters, needed, {"window_size", "softcap"}):
         return None
-
-    def call(fn, q, k, v, seq, *, scale, window_left, softcap):
-        kwargs = _keywords(_FLASH_NAMES, q, k, v, seq)
-        kwargs.update(softmax_scale=scale, causal=True)
-        if has_window:
-            kwargs["window_size"] = (window_left, 0)
-        if softcap is not None:
-            kwargs["softcap"] = softcap
-        return fn(**kwargs)
-
+    call = _flash_call(window=has_window, no_window=-1)
     name = "FlashAttention-3 (flash_attn_interface.flash_attn_varlen_func)"
     return VarlenKernel(name, fn, call, has_window, has_softcap)
 
@@ -210,16 +218,7 @@ def _recognise_flash_attn_4(fn) -> VarlenKernel | None:
     needed = {"q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "softmax_scale", "causal"}
     if not _takes(parameters, needed, {"max_seqlen_q", "max_seqlen_k", "window_size", "softcap"}):
         return None
-
-    def call(fn, q, k, v, seq, *, scale, window_left, softcap):
-        kwargs = _keywords(_FLASH_NAMES, q, k, v, seq, with_max=with_max)
-        kwargs.update(softmax_scale=scale, causal=True)
-        if has_window:
-            kwargs["window_size"] = (None if window_left < 0 else window_left, 0)
-        if softcap is not None:
-            kwargs["softcap"] = softcap
-        return fn(**kwargs)
-
+    call = _flash_call(window=has_window, no_window=None, with_max=with_max)
     name = "FlashAttention-4 (flash_attn.cute.flash_attn_varlen_func)"
     return VarlenKernel(name, fn, call, has_window, has_softcap)
 
@@ -237,14 +236,7 @@ def _recognise_flash_attn_2(fn) -> VarlenKernel | None:
     needed = {*_FLASH_NAMES, "softmax_scale", "causal", "window_size"}
     if not _takes(parameters, needed, {"softcap"}):
         return None
-
-    def call(fn, q, k, v, seq, *, scale, window_left, softcap):
-        kwargs = _keywords(_FLASH_NAMES, q, k, v, seq)
-        kwargs.update(softmax_scale=scale, causal=True, window_size=(window_left, 0))
-        if softcap is not None:
-            kwargs["softcap"] = softcap
-        return fn(**kwargs)
-
+    call = _flash_call(window=True, no_window=-1)
     return VarlenKernel("flash-attn 2 (flash_attn.flash_attn_varlen_func)", fn, call, True, has_softcap)
 
 
