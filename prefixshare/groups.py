@@ -18,6 +18,7 @@ right-padded or unpadded lists, with optional 0/1 masks. Padding is stripped by 
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from collections.abc import Mapping
 from typing import Any, NamedTuple
@@ -219,6 +220,67 @@ def _completions(ids, mask) -> tuple[list[list[int]], list[int], int]:
     return [row[:k] for row, k in zip(rows, lengths)], lengths, width
 
 
+class PromptImages(NamedTuple):
+    """The images of one prompt row: ``pixel_values`` ``[n_patches, D]`` floating and ``image_grid_thw``
+    ``[n_images, 3]`` long (one ``(t, h, w)`` per image, ``t * h * w`` patches each), as the processor gives them."""
+
+    pixel_values: torch.Tensor
+    image_grid_thw: torch.Tensor
+
+    @property
+    def num_images(self) -> int:
+        return int(self.image_grid_thw.shape[0])
+
+    def equal(self, other: "PromptImages") -> bool:
+        return torch.equal(self.image_grid_thw, other.image_grid_thw) and (
+            self.pixel_values.dtype == other.pixel_values.dtype and torch.equal(self.pixel_values, other.pixel_values)
+        )
+
+
+def _row_images(entry: Any, row: int) -> PromptImages | None:
+    """One row's ``images`` entry, checked: None, or pixel_values and image_grid_thw that agree."""
+    if entry is None:
+        return None
+    if isinstance(entry, Mapping):
+        unknown = sorted(set(entry) - set(PromptImages._fields))
+        if unknown:
+            raise ValueError(f"prompt row {row}: images has {unknown}; give pixel_values and image_grid_thw only")
+        pixels, grid = entry.get("pixel_values"), entry.get("image_grid_thw")
+    elif isinstance(entry, (tuple, list)) and len(entry) == 2:
+        pixels, grid = entry
+    else:
+        raise ValueError(
+            f"prompt row {row}: images entry must be None, a (pixel_values, image_grid_thw) pair or a mapping of "
+            f"them, got {type(entry).__name__}"
+        )
+    if not isinstance(pixels, torch.Tensor) or not isinstance(grid, torch.Tensor):
+        raise ValueError(f"prompt row {row}: pixel_values and image_grid_thw must be tensors")
+    if grid.dim() != 2 or grid.shape[1] != 3 or grid.dtype.is_floating_point or bool((grid < 1).any()):
+        raise ValueError(
+            f"prompt row {row}: image_grid_thw must be [n_images, 3] positive integers, got shape {tuple(grid.shape)}"
+        )
+    if grid.shape[0] == 0:
+        return None
+    if pixels.dim() != 2 or not pixels.dtype.is_floating_point or pixels.shape[0] != int(grid.prod(-1).sum()):
+        raise ValueError(
+            f"prompt row {row}: pixel_values must be [n_patches, D] floating with n_patches = sum of t * h * w of "
+            f"image_grid_thw {grid.tolist()} ({int(grid.prod(-1).sum())}), got shape {tuple(pixels.shape)} "
+            f"and dtype {pixels.dtype}"
+        )
+    return PromptImages(pixels, grid.long())
+
+
+def _image_key(images: PromptImages | None) -> tuple:
+    """What identifies a prompt's images for grouping: the grids, dtype, shape and a digest of the pixels' bytes
+    (rows with equal keys are also compared element by element)."""
+    if images is None:
+        return ()
+    pixels = images.pixel_values.detach().to("cpu").contiguous()
+    digest = hashlib.blake2b(pixels.view(torch.uint8).numpy().tobytes(), digest_size=16).digest()
+    grid = tuple(tuple(g) for g in images.image_grid_thw.tolist())
+    return (grid, str(pixels.dtype), tuple(pixels.shape), digest)
+
+
 def _positive(name: str, value) -> None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
         raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
@@ -237,6 +299,7 @@ def group_completions(
     max_completions_per_forward: int | None = None,
     pad_to_multiple_of: int | None = None,
     keep_empty_groups: bool = False,
+    images=None,
 ) -> CompletionGroups:
     """Group completion rows by prompt into prefix-shared batches ``[prompt | completion 1 | ... | completion k]``.
 
@@ -268,6 +331,12 @@ def group_completions(
             ``[prompt | one padding token]`` from which nothing is read, so that the forwards route every prompt
             the row format's forward routes (the MoE load-balancing loss counts them: see ``token_weights``).
             False (default): such prompts are not computed.
+        images: the images of each prompt row, for a vision-language model with Qwen2-VL-style 3D rotary positions
+            (:mod:`prefixshare.vision`): one entry per row of ``prompt_ids``, ``None`` (no image) or a mapping (or
+            pair) of ``pixel_values`` ``[n_patches, D]`` and ``image_grid_thw`` ``[n_images, 3]`` as the processor
+            gives them, the prompt holding the images' tokens expanded. Rows are grouped only when their prompt
+            tokens AND their images are equal (two prompts of the same text and image size with other pixels are
+            two groups); every unit's images are in its batch once, in the physical order of the units.
 
     Returns:
         :class:`CompletionGroups`, for :func:`completion_logps`. Output rows follow the input's completion rows.
@@ -308,17 +377,35 @@ def group_completions(
         owner = [r // num_generations for r in range(N)]
     if N == 0:
         raise ValueError("no completions: completion_ids has no rows")
+    # Each prompt row's key: its tokens, and what identifies its images (equal keys <=> equal prompts and images).
+    prompt_images: dict[tuple, PromptImages] = {}
+    if images is not None:
+        if isinstance(images, (str, bytes, Mapping)) or not hasattr(images, "__len__"):
+            raise ValueError("images must be a sequence with one entry (None or the row's images) per prompt row")
+        if len(images) != len(prompt_tokens):
+            raise ValueError(f"images has {len(images)} entries but prompt_ids has {len(prompt_tokens)} rows")
+        keyed = []
+        for i, (tokens, entry) in enumerate(zip(prompt_tokens, images)):
+            row_images = _row_images(entry, i)
+            key = (tokens, _image_key(row_images))
+            known = prompt_images.setdefault(key, row_images)
+            if row_images is not None and known is not row_images and not known.equal(row_images):
+                raise ValueError(f"prompt row {i}: two different images have the same digest")  # pragma: no cover
+            keyed.append(key)
+        prompt_tokens = keyed
+    else:
+        prompt_tokens = [(tokens, ()) for tokens in prompt_tokens]
 
     # Group the rows with a token to score by their prompt's tokens.
     groups: dict[tuple[int, ...], list[int]] = {}
     empty_rows: dict[tuple[int, ...], int] = {}  # rows without a completion token, by their (non-empty) prompt
     for r in range(N):
-        if lengths[r] == 0:
-            if prompt_tokens[owner[r]]:
-                empty_rows[prompt_tokens[owner[r]]] = empty_rows.get(prompt_tokens[owner[r]], 0) + 1
-            continue
         prompt = prompt_tokens[owner[r]]
-        if not prompt:
+        if lengths[r] == 0:
+            if prompt[0]:
+                empty_rows[prompt] = empty_rows.get(prompt, 0) + 1
+            continue
+        if not prompt[0]:
             where = f"prompt row {owner[r]}" if num_generations else f"row {r}"
             raise ValueError(
                 f"{where}: the prompt is empty (prompt_mask all 0 or no ids) but completion row {r} has "
@@ -338,13 +425,13 @@ def group_completions(
     pieces: list[tuple[tuple[int, ...], list[int], int]] = []
     for prompt, rows in groups.items():
         piece: list[int] = []
-        size, extra = len(prompt), empty_rows.get(prompt, 0)
+        size, extra = len(prompt[0]), empty_rows.get(prompt, 0)
         for r in rows:
             full_count = max_completions_per_forward is not None and len(piece) == max_completions_per_forward
             full_tokens = max_tokens_per_row is not None and piece and size + lengths[r] > max_tokens_per_row
             if full_count or full_tokens:
                 pieces.append((prompt, piece, len(piece) + extra))
-                piece, size, extra = [], len(prompt), 0
+                piece, size, extra = [], len(prompt[0]), 0
             piece.append(r)
             size += lengths[r]
         if piece or extra:
@@ -364,10 +451,11 @@ def group_completions(
         # Nothing to score (every completion empty): one two-token unit of padding, from which nothing is read,
         # keeps completion_logps' output on the model's graph, as a forward on all-masked rows does in the row
         # format (a loss without a graph would fail in backward, and ranks would skip a forward).
-        pieces, forwards = [((pad_token_id,), [], 0)], [[0]]
+        pieces, forwards = [(((pad_token_id,), ()), [], 0)], [[0]]
     built = [
         _build_batch(
-            [pieces[p] for p in members], completions, lengths, pad_token_id, max_tokens_per_row, pad_to_multiple_of
+            [pieces[p] for p in members], completions, lengths, pad_token_id, max_tokens_per_row, pad_to_multiple_of,
+            prompt_images,
         )
         for members in forwards
     ]
@@ -375,15 +463,18 @@ def group_completions(
     return CompletionGroups(batches, slots, N, C, torch.tensor(lengths, dtype=torch.long), num_prompts, weights)
 
 
-def _build_batch(pieces, completions, lengths, pad_token_id, max_tokens_per_row, pad_to_multiple_of):
+def _build_batch(pieces, completions, lengths, pad_token_id, max_tokens_per_row, pad_to_multiple_of, prompt_images):
     """One prefix-shared batch of the given pieces (example i = piece i, response k = its k-th completion), its
     ``[examples, K]`` slots (input rows, -1 where empty) and its ``[B, L]`` token weights. A piece without
-    completions is laid out as ``[prompt | one padding token]``: routed, never read (slot -1)."""
+    completions is laid out as ``[prompt | one padding token]``: routed, never read (slot -1). A piece's prompt is
+    its key ``(tokens, image key)``; ``prompt_images`` maps a key to the prompt's images, if any."""
     K = max(max(len(rows) for _, rows, _ in pieces), 1)
+    piece_images = [prompt_images.get(key) for key, _, _ in pieces]
     units = [
-        UnitSpec(example=i, prompt_length=len(prompt), response_slots=tuple(range(max(len(rows), 1))),
-                 response_lengths=tuple(lengths[r] for r in rows) or (1,))
-        for i, (prompt, rows, _) in enumerate(pieces)
+        UnitSpec(example=i, prompt_length=len(key[0]), response_slots=tuple(range(max(len(rows), 1))),
+                 response_lengths=tuple(lengths[r] for r in rows) or (1,),
+                 num_images=0 if piece_images[i] is None else piece_images[i].num_images)
+        for i, (key, rows, _) in enumerate(pieces)
     ]  # fmt: skip
     if max_tokens_per_row is None:
         bins = [[i] for i in range(len(units))]
@@ -397,7 +488,7 @@ def _build_batch(pieces, completions, lengths, pad_token_id, max_tokens_per_row,
     input_ids = torch.full((len(bins), L), pad_token_id, dtype=torch.long)
     weights = torch.zeros((len(bins), L), dtype=torch.float32)
     for pl in placements:
-        prompt, rows, prompt_weight = pieces[pl.unit.example]
+        (prompt, _), rows, prompt_weight = pieces[pl.unit.example]
         ids = list(prompt)
         for r in rows:
             ids.extend(completions[r][: lengths[r]])
@@ -411,7 +502,16 @@ def _build_batch(pieces, completions, lengths, pad_token_id, max_tokens_per_row,
     slot = torch.full((len(pieces), K), -1, dtype=torch.long)
     for i, (_, rows, _) in enumerate(pieces):
         slot[i, : len(rows)] = torch.tensor(rows, dtype=torch.long)
-    batch = PrefixShareBatch(input_ids=input_ids, position_ids=layout.position_ids, use_cache=False, **{LAYOUT_KEY: layout})
+    # every unit's images once, in the physical order of the units: the order the model fills image tokens in
+    ordered = [piece_images[pl.unit.example] for pl in sorted(placements, key=lambda pl: (pl.row, pl.offset))]
+    ordered = [im for im in ordered if im is not None]
+    media = {}
+    if ordered:
+        media = dict(pixel_values=torch.cat([im.pixel_values for im in ordered]),
+                     image_grid_thw=torch.cat([im.image_grid_thw for im in ordered]))  # fmt: skip
+    batch = PrefixShareBatch(
+        input_ids=input_ids, position_ids=layout.position_ids, use_cache=False, **media, **{LAYOUT_KEY: layout}
+    )
     return batch, slot, weights
 
 

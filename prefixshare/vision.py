@@ -59,6 +59,21 @@ def _rope_index_owner(model):
     return None
 
 
+def check_images_supported(model, who: str) -> None:
+    """Raise :class:`UnsupportedModelError` naming ``who`` (e.g. a trainer) if ``model`` cannot take images in
+    prefix-shared batches (no Qwen2-VL-style ``get_rope_index``: Gemma 3, LLaVA-style models ...): for a trainer
+    given a dataset with images, so that it refuses in its constructor rather than at its first step."""
+    if _rope_index_owner(model) is None:
+        name = type(unwrap_model(model)).__name__
+        raise UnsupportedModelError(
+            f"{who}: images in prefix-shared batches are supported only in models that place image tokens by 3D "
+            "multimodal rotary positions computed by a get_rope_index(input_ids, mm_token_type_ids, image_grid_thw) "
+            f"(Qwen2-VL, Qwen2.5-VL, Qwen3-VL, GLM-4V), and {name} has none: its image tokens follow rules the "
+            "layout does not apply (Gemma 3's image tokens attend to each other in both directions inside an image; "
+            "LLaVA-style models are not verified). Train it with the plain trainer, or on text-only data"
+        )
+
+
 def _refuse(model, given: list[str], why: str) -> None:
     name = type(unwrap_model(model)).__name__
     raise UnsupportedModelError(

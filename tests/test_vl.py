@@ -270,3 +270,86 @@ def test_images_of_another_width_are_refused():
     examples[1]["pixel_values"] = examples[1]["pixel_values"][:, :588]
     with pytest.raises(ValueError, match="example 1: pixel_values rows have 588 features but example 0's have 1176"):
         PrefixShareCollator(0)(examples)
+
+
+# ---------------------------------------------------------------------------------------------- online RL groups
+def rl_rows(model, seed: int = 0):
+    """TRL's row format of a GRPO batch with images: 4 prompts x 3 completions, shuffled; prompts 0 and 1 have the
+    same token ids (the same text and image size) but other pixels, so they are two groups, not one."""
+    examples = image_examples(model, n=3, num_responses=3, seed=seed)
+    twin = dict(examples[0])
+    twin["pixel_values"] = examples[0]["pixel_values"].flip(0) * 0.5  # other pixels, same grid, same tokens
+    twin["responses_input_ids"] = [r[::-1] for r in examples[0]["responses_input_ids"]]
+    examples.insert(1, twin)
+    rows = [(e, r) for e in examples for r in e["responses_input_ids"]]
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
+    rows = [rows[i] for i in order]
+    images = [
+        dict(pixel_values=e["pixel_values"], image_grid_thw=e["image_grid_thw"]) if "pixel_values" in e else None
+        for e, _ in rows
+    ]
+    prompts = [e["prompt_input_ids"] for e, _ in rows]
+    completions = [r for _, r in rows]
+    alone = [dict(prompt_input_ids=p, responses_input_ids=[c], **({} if im is None else im))
+             for p, c, im in zip(prompts, completions, images)]  # fmt: skip
+    return prompts, completions, images, alone
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["unpacked", "packed"])
+def test_completion_groups_with_images_are_exact(packed):
+    """group_completions with each row's images: rows are grouped by prompt tokens AND images, each group's images
+    are in its batch once, and the per-token log-probs (and the gradients, vision tower included) equal each
+    prompt+completion alone through the unpatched model."""
+    from prefixshare.testing.exactness import align_gradients, gradient_error, relative_error, trainable_grads
+
+    reference = vision_language("qwen2_5_vl")
+    model = patch(copy.deepcopy(reference))
+    prompts, completions, images, alone = rl_rows(reference)
+    groups = prefixshare.group_completions(prompts, completions, images=images, pad_token_id=0,
+                                           max_tokens_per_row=120 if packed else None)  # fmt: skip
+    assert groups.num_prompts == 4  # the two prompts of equal tokens and other pixels are two groups
+    (batch,) = groups.batches
+    assert batch["image_grid_thw"].shape[0] == sum(len(GRIDS[i % len(GRIDS)]) for i in (0, 0, 1, 2))
+    out = prefixshare.completion_logps(model, groups)
+    got = (out.logps * out.mask).sum(1)
+    want = logps_alone(reference, alone)[:, 0]
+    weights = torch.linspace(0.5, 1.5, len(want))
+    (want * weights).sum().backward()
+    (got * weights).sum().backward()
+    grads, reference_grads, one_sided = align_gradients(trainable_grads(model), trainable_grads(reference))
+    grad_error, worst = gradient_error(grads, reference_grads)
+    assert not one_sided and any(name.startswith("model.visual.") for name in reference_grads)
+    assert relative_error(got, want) <= TOLERANCE and grad_error <= TOLERANCE, (relative_error(got, want), worst)
+
+
+def test_completion_groups_without_their_images_would_merge():
+    """Control: without ``images`` the two prompts of equal tokens are one group (the other prompt's pixels would be
+    used): images are what keeps them apart."""
+    model = vision_language("qwen2_5_vl")
+    prompts, completions, images, _ = rl_rows(model)
+    assert prefixshare.group_completions(prompts, completions, pad_token_id=0).num_prompts == 3
+    assert prefixshare.group_completions(prompts, completions, images=images, pad_token_id=0).num_prompts == 4
+
+
+@pytest.mark.parametrize(
+    "images, message",
+    [
+        ([None], r"images has 1 entries but prompt_ids has 12 rows"),
+        ("rows", r"prompt row 0: pixel_values must be \[n_patches, D\] floating with n_patches"),
+        ("keys", r"prompt row 0: images has \['pixel_attention_mask'\]"),
+    ],
+)
+def test_completion_groups_check_the_images(images, message):
+    model = vision_language("qwen2_5_vl")
+    prompts, completions, given, _ = rl_rows(model)
+    first = next(i for i, im in enumerate(given) if im is not None)
+    prompts, completions, given = prompts[first:], completions[first:], given[first:]
+    if images == "rows":
+        images = [dict(pixel_values=given[0]["pixel_values"][:-1], image_grid_thw=given[0]["image_grid_thw"])]
+        images += given[1:]
+    elif images == "keys":
+        images = [dict(given[0], pixel_attention_mask=None)] + given[1:]
+    else:
+        prompts, completions = prompts[:12], completions[:12]
+    with pytest.raises(ValueError, match=message):
+        prefixshare.group_completions(prompts, completions, images=images, pad_token_id=0)

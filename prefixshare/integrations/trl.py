@@ -67,11 +67,13 @@ from ..engine import response_logps
 from ..logps import ResponseLogps
 from ..moe import capture_router_logits, load_balancing_loss, moe_routing, paired_token_weights
 from ..losses import TRL_LOSS_TYPES, length_desensitized_logps, preference_loss, sft_loss, wpo_weights
+from ..vision import check_images_supported
 from .trl_common import (
     PAIRED_TOKENS_KEY,
     PrefixSharePatching,
     bind_trainer_arguments,
     check_shared_trainer_options,
+    dataset_has_images,
     is_prompt_learning,
     paired_tokens_per_row,
 )
@@ -80,6 +82,7 @@ from trl import DPOConfig, DPOTrainer  # after .trl_common: it says how to insta
 __all__ = [
     "PrefixShareDPOCollator",
     "PrefixShareDPOTrainer",
+    "PrefixShareDPOVisionCollator",
     "PrefixShareRewardCollator",
     "PrefixShareRewardTrainer",
     "SUPPORTED_LOSS_TYPES",
@@ -97,6 +100,7 @@ _SMOOTHED_LOSSES = frozenset({"robust", "exo_pair", "aot", "aot_unpaired"})
 
 
 _MODEL_KEYS = ("input_ids", "position_ids", LAYOUT_KEY)
+_IMAGE_KEYS = ("pixel_values", "image_grid_thw")  # with images (PrefixShareDPOVisionCollator)
 
 # the per-token statistics behind TRL's metrics: entropy, logits/chosen and logits/rejected, mean_token_accuracy
 _METRIC_STATS = ("entropy", "mean_logit", "argmax_match")
@@ -211,6 +215,74 @@ class PrefixShareDPOCollator:
         return batch
 
 
+class PrefixShareDPOVisionCollator:
+    """TRL's vision preference examples -> a prefix-shared batch with images, the drop-in for TRL's
+    ``DataCollatorForVisionPreference`` (for models with Qwen2-VL-style 3D rotary positions: :mod:`prefixshare.vision`).
+
+    Takes the raw examples TRL keeps for vision datasets (``prompt``, ``chosen``, ``rejected``, conversational or
+    not, and ``images`` or ``image``) and tokenizes them on the fly as TRL's collator does (the same chat template,
+    the same processor calls, ``add_special_tokens=False``), except that each prompt and its images are processed
+    once per pair instead of once per response. Returns the :class:`PrefixShareDPOCollator` batch plus
+    ``pixel_values`` ``[n_patches, D]`` and ``image_grid_thw`` ``[n_images, 3]``, every pair's images once.
+
+    Args:
+        processor: the model's processor (a ``ProcessorMixin`` with a ``tokenizer``).
+        max_length, pad_to_multiple_of, max_tokens_per_row, padding_free: as :class:`PrefixShareDPOCollator`
+            (truncation is ``keep_start``: only responses are cut; a prompt that reaches ``max_length`` raises,
+            where cutting it would separate image tokens from their pixels).
+    """
+
+    def __init__(self, processor, max_length: int | None = None, pad_to_multiple_of: int | None = None,
+                 max_tokens_per_row: int | None = None, padding_free: bool = False):  # fmt: skip
+        tokenizer = processor.tokenizer
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.processor = processor
+        self.text = PrefixShareDPOCollator(
+            pad, max_length=max_length, pad_to_multiple_of=pad_to_multiple_of, max_tokens_per_row=max_tokens_per_row,
+            padding_free=padding_free,
+        )  # fmt: skip
+
+    @property
+    def pad_token_id(self) -> int:
+        return self.text.pad_token_id
+
+    @property
+    def pad_to_multiple_of(self) -> int | None:
+        return self.text.pad_to_multiple_of
+
+    def _tokenized(self, example: Mapping, index: int) -> dict:
+        from trl.data_utils import apply_chat_template, is_conversational, prepare_multimodal_messages
+
+        example = dict(example)
+        if "image" in example:
+            example["images"] = [example.pop("image")]
+        images = list(example.get("images") or [])
+        if is_conversational(example):
+            example["prompt"] = prepare_multimodal_messages(example["prompt"], images=images)
+            example["chosen"] = prepare_multimodal_messages(example["chosen"])
+            example["rejected"] = prepare_multimodal_messages(example["rejected"])
+            example = apply_chat_template(example, self.processor)
+        prompt = self.processor(images=[images] if images else None, text=[example["prompt"]],
+                                add_special_tokens=False, return_tensors="pt")  # fmt: skip
+        unknown = sorted(set(prompt) - {"input_ids", "attention_mask", "pixel_values", "image_grid_thw",
+                                        "mm_token_type_ids"})  # fmt: skip
+        if unknown:
+            raise ValueError(
+                f"example {index}: the processor gives {unknown} with the images; prefix-shared batches take the "
+                "images of Qwen2-VL-style models only (pixel_values with image_grid_thw)"
+            )
+        out = {"prompt_input_ids": prompt["input_ids"][0]}
+        for key in ("chosen", "rejected"):
+            ids = self.processor(text=[example[key]], add_special_tokens=False, return_tensors="pt")["input_ids"]
+            out[f"{key}_input_ids"] = ids[0]
+        if images:
+            out["pixel_values"], out["image_grid_thw"] = prompt["pixel_values"], prompt["image_grid_thw"]
+        return out
+
+    def __call__(self, examples: Sequence[Mapping]) -> dict[str, Any]:
+        return self.text([self._tokenized(e, i) for i, e in enumerate(examples)])
+
+
 def paired_rows(batch: Mapping, pad_token_id: int, pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor]:
     """The paired format of a prefix-shared pair batch, as TRL's ``DataCollatorForPreference`` lays it out.
 
@@ -292,10 +364,10 @@ def _check_trainer_arguments(arguments, config: DPOConfig, stop_on_nonfinite) ->
     if not isinstance(stop_on_nonfinite, bool):
         raise ValueError(f"prefixshare_stop_on_nonfinite must be True or False, got {stop_on_nonfinite!r}")
     collator = arguments.get("data_collator")
-    if collator is not None and not isinstance(collator, PrefixShareDPOCollator):
+    if collator is not None and not isinstance(collator, (PrefixShareDPOCollator, PrefixShareDPOVisionCollator)):
         raise ValueError(
-            f"PrefixShareDPOTrainer needs its own collator (PrefixShareDPOCollator), got {type(collator).__name__}; "
-            "leave data_collator unset"
+            f"PrefixShareDPOTrainer needs its own collator (PrefixShareDPOCollator, or PrefixShareDPOVisionCollator "
+            f"for data with images), got {type(collator).__name__}; leave data_collator unset"
         )
     if is_prompt_learning(arguments.get("model"), arguments.get("peft_config")):
         raise ValueError(
@@ -306,9 +378,9 @@ def _check_trainer_arguments(arguments, config: DPOConfig, stop_on_nonfinite) ->
 
 
 def _processing_class(arguments, model, config: DPOConfig):
-    """The tokenizer, loaded as DPOTrainer loads it when none is given (the collator is built here, so DPOTrainer
-    skips that step); a processor (vision-language model) is refused."""
-    from transformers import AutoProcessor, ProcessorMixin
+    """The tokenizer or processor, loaded as DPOTrainer loads it when none is given (the collator is built here, so
+    DPOTrainer skips that step)."""
+    from transformers import AutoProcessor
 
     processing_class = arguments.get("processing_class")
     if processing_class is None:
@@ -319,16 +391,17 @@ def _processing_class(arguments, model, config: DPOConfig):
         processing_class = AutoProcessor.from_pretrained(
             model_id, revision=revision, trust_remote_code=config.trust_remote_code
         )
-    if isinstance(processing_class, ProcessorMixin):
-        raise ValueError(
-            "PrefixShareDPOTrainer does not support vision-language models (a processor as processing_class); "
-            "pass a tokenizer"
-        )
     return processing_class
 
 
-def _default_collator(tokenizer, config: DPOConfig, max_tokens_per_row: int | None) -> PrefixShareDPOCollator:
-    """The collator DPOTrainer would build, prefix-shared: its pad token chosen as DPOTrainer chooses it."""
+def _default_collator(processing_class, config: DPOConfig, max_tokens_per_row: int | None, vision: bool):
+    """The collator DPOTrainer would build, prefix-shared: its pad token chosen as DPOTrainer chooses it; for a
+    dataset with images and a processor, :class:`PrefixShareDPOVisionCollator` (with a tokenizer DPOTrainer raises
+    its own error for such a dataset)."""
+    from transformers import ProcessorMixin
+
+    is_processor = isinstance(processing_class, ProcessorMixin)
+    tokenizer = processing_class.tokenizer if is_processor else processing_class
     pad_token = getattr(config, "pad_token", None) or tokenizer.pad_token or tokenizer.eos_token
     if pad_token is None or pad_token not in tokenizer.get_vocab():
         raise ValueError(
@@ -341,6 +414,11 @@ def _default_collator(tokenizer, config: DPOConfig, max_tokens_per_row: int | No
             "give padding_free=True (each batch in one row) or prefixshare_max_tokens_per_row (rows of at most "
             "N tokens), not both"
         )
+    if vision and is_processor:
+        return PrefixShareDPOVisionCollator(
+            processing_class, max_length=config.max_length, pad_to_multiple_of=config.pad_to_multiple_of,
+            max_tokens_per_row=max_tokens_per_row, padding_free=config.padding_free,
+        )  # fmt: skip
     return PrefixShareDPOCollator(
         pad_token_id=tokenizer.pad_token_id,
         max_length=config.max_length,
@@ -389,8 +467,11 @@ class PrefixShareDPOTrainer(PrefixSharePatching, DPOTrainer):
         # sets dispatch_batches=False); here it covers evaluation sets too. An explicit True raised above.
         config.accelerator_config.dispatch_batches = False
         processing_class = arguments["processing_class"] = _processing_class(arguments, model, config)
+        vision = dataset_has_images(arguments.get("train_dataset")) or dataset_has_images(arguments.get("eval_dataset"))
         if arguments.get("data_collator") is None:
-            arguments["data_collator"] = _default_collator(processing_class, config, prefixshare_max_tokens_per_row)
+            arguments["data_collator"] = _default_collator(
+                processing_class, config, prefixshare_max_tokens_per_row, vision
+            )
         elif prefixshare_max_tokens_per_row is not None:
             raise ValueError("give prefixshare_max_tokens_per_row to the PrefixShareDPOCollator you pass, not both")
 
@@ -405,6 +486,8 @@ class PrefixShareDPOTrainer(PrefixSharePatching, DPOTrainer):
         finally:
             config.padding_free = padding_free
         self.padding_free = padding_free
+        if vision:  # the model must place image tokens by 3D positions (after TRL's own checks of vision data)
+            check_images_supported(self.model, "PrefixShareDPOTrainer")
         # after DPOTrainer.__init__, so that its checks come first (a precomputed reference patched its model there)
         self._prefixshare_patch_trainer_models()
 
@@ -416,7 +499,7 @@ class PrefixShareDPOTrainer(PrefixSharePatching, DPOTrainer):
         requested per-token statistics (no graph); ``per_token``: also the ``[T]`` per-token log-probs;
         ``router``: the forward also returns its router logits (MoE; collect them with capture_router_logits)."""
         self._prefixshare_ensure_patched(model)
-        inputs = {key: batch[key] for key in _MODEL_KEYS}
+        inputs = {key: batch[key] for key in _MODEL_KEYS + _IMAGE_KEYS if key in batch}
         if router:
             inputs["output_router_logits"] = True
         return response_logps(model, inputs, per_token=per_token, stats=stats)
@@ -546,6 +629,11 @@ class PrefixShareDPOTrainer(PrefixSharePatching, DPOTrainer):
         return options
 
     def _prefixshare_paired_rows(self, inputs) -> dict:
+        if "pixel_values" in inputs:
+            raise ValueError(
+                "PrefixShareDPOTrainer does not give compute_metrics the logits of batches with images (TRL's "
+                "deprecated return_outputs=True path); leave compute_metrics unset for vision data"
+            )
         collator = self.data_collator
         pad_to = getattr(collator, "pad_to_multiple_of", None)
         return paired_rows(inputs, collator.pad_token_id, pad_to)

@@ -87,6 +87,20 @@ class PrefixSharePatching:
         return unwrap_model(inner)
 
 
+def dataset_has_images(dataset) -> bool:
+    """Whether a TRL dataset carries images: its first example has an ``image`` or ``images`` column (TRL's own
+    test, in DPOTrainer and GRPOTrainer)."""
+    if dataset is None:
+        return False
+    if isinstance(dataset, Mapping):  # several evaluation sets
+        return any(dataset_has_images(d) for d in dataset.values())
+    try:
+        sample = next(iter(dataset))
+    except (StopIteration, TypeError):
+        return False
+    return isinstance(sample, Mapping) and ("image" in sample or "images" in sample)
+
+
 def is_prompt_learning(model, peft_config) -> bool:
     """Whether ``model`` is (or ``peft_config`` makes it) a prompt-learning PEFT model (prefix / prompt / p-tuning):
     their virtual tokens do not fit the prefix-shared layout."""

@@ -43,7 +43,14 @@ import torch
 from ..groups import completion_logps, group_completions
 from ..layout import LAYOUT_KEY
 from ..moe import capture_router_logits, load_balancing_loss, moe_routing
-from .trl_common import PrefixSharePatching, bind_trainer_arguments, check_compile_and_parallelism, is_prompt_learning
+from ..vision import check_images_supported
+from .trl_common import (
+    PrefixSharePatching,
+    bind_trainer_arguments,
+    check_compile_and_parallelism,
+    dataset_has_images,
+    is_prompt_learning,
+)
 from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer  # after .trl_common: it says how to install TRL
 
 __all__ = ["PrefixShareGRPOTrainer", "PrefixShareRLOOTrainer"]
@@ -70,15 +77,60 @@ _MULTIMODAL = (
 )  # fmt: skip
 
 
+def _row_images(name: str, rows: int, multimodal: dict) -> list | None:
+    """The images of each of the ``rows`` rows, ``None`` or ``{"pixel_values", "image_grid_thw"}`` (for
+    :func:`prefixshare.group_completions`), from TRL's batched multimodal keyword arguments: ``pixel_values``
+    ``[patches of every row's images, D]``, ``image_grid_thw`` ``[images, 3]``, ``num_images`` (a list, images per
+    row). None when the rows carry no image. Other forms (Gemma's ``token_type_ids``, LLaVA-Next's
+    ``image_sizes``, tiles ...) raise: only Qwen2-VL-style images are laid out per unit (:mod:`prefixshare.vision`)."""
+    unknown = sorted(set(multimodal) - set(_MULTIMODAL))
+    if unknown:
+        raise ValueError(f"{name}: unknown multimodal inputs {unknown} (this TRL passes more than 1.16 did)")
+    # mm_token_type_ids (1 at image tokens) are rebuilt from input_ids by the patched forward (prefixshare.vision)
+    given = {k: v for k, v in multimodal.items() if v is not None and k != "mm_token_type_ids"}
+    if not given:
+        return None
+    pixel_values, grids, num_images = (given.pop(k, None) for k in ("pixel_values", "image_grid_thw", "num_images"))
+    if given or pixel_values is None or grids is None or num_images is None:
+        keys = sorted(k for k, v in multimodal.items() if v is not None)
+        raise ValueError(
+            f"{name}: images given as {keys}; prefix-shared batches take the images of Qwen2-VL-style models only "
+            "(pixel_values with image_grid_thw, one grid per image)"
+        )
+    num_images = [int(n) for n in num_images]
+    if len(num_images) != rows or sum(num_images) != grids.shape[0]:
+        raise ValueError(
+            f"{name}: num_images {num_images} does not match {rows} rows and {grids.shape[0]} image grids"
+        )
+    patches = grids.prod(-1).tolist()
+    out, image, patch = [], 0, 0
+    for n in num_images:
+        count = sum(patches[image : image + n])
+        out.append(None if n == 0 else {"pixel_values": pixel_values[patch : patch + count],
+                                        "image_grid_thw": grids[image : image + n]})  # fmt: skip
+        image, patch = image + n, patch + count
+    if patch != pixel_values.shape[0]:
+        raise ValueError(f"{name}: pixel_values has {pixel_values.shape[0]} rows but the grids give {patch} patches")
+    return out
+
+
 def _check_config(name: str, args) -> None:
     """Raise ValueError for settings whose forward or loss these trainers do not reproduce."""
 
     def unsupported(what: str, why: str) -> ValueError:
         return ValueError(f"{name} does not support {what}: {why}")
 
-    if getattr(args, "use_liger_kernel", False):
-        raise unsupported("use_liger_kernel=True", "Liger's layer kernels are not verified with prefix-shared attention")
     check_compile_and_parallelism(args, unsupported)
+
+
+def _refuse_liger(name: str, args) -> None:
+    """After TRL's ``__init__`` (TRL's own errors for the same configuration, e.g. a LoRA adapter on ``lm_head``,
+    come first, as with plain TRL): Liger's layer kernels are not verified with prefix-shared attention."""
+    if getattr(args, "use_liger_kernel", False):
+        raise ValueError(
+            f"{name} does not support use_liger_kernel=True: Liger's layer kernels are not verified with "
+            "prefix-shared attention"
+        )
 
 
 class _PrefixShareRL(PrefixSharePatching):
@@ -90,8 +142,6 @@ class _PrefixShareRL(PrefixSharePatching):
 
     def __init__(self, *args, prefixshare_backend: str | None = None, prefixshare_max_tokens_per_row: int | None = None,
                  **kwargs):  # fmt: skip
-        from transformers import ProcessorMixin
-
         name = type(self).__name__
         bound = bind_trainer_arguments(self._base, self._config, self._suffix, self, args, kwargs)
         arguments = bound.arguments
@@ -105,11 +155,6 @@ class _PrefixShareRL(PrefixSharePatching):
             raise ValueError(
                 f"prefixshare_max_tokens_per_row must be a positive integer or None, got {prefixshare_max_tokens_per_row!r}"
             )
-        if isinstance(arguments.get("processing_class"), ProcessorMixin):
-            raise ValueError(
-                f"{name} does not support vision-language models (a processor as processing_class): image tokens "
-                "and their features are not laid out per unit; pass a tokenizer"
-            )
         if is_prompt_learning(model, arguments.get("peft_config")):
             raise ValueError(
                 f"{name} does not support prompt-learning PEFT methods (prefix/prompt tuning): their virtual tokens "
@@ -117,14 +162,16 @@ class _PrefixShareRL(PrefixSharePatching):
             )
 
         self._prefixshare_max_tokens_per_row = prefixshare_max_tokens_per_row
-        # tokens the row format would process and the prefix-shared forwards did, and rows with nothing to score
-        self._prefixshare_token_counts = {"rows": 0, "shared": 0, "empty_rows": 0}
+        # tokens the row format would process and the prefix-shared forwards did, rows with nothing to score, and
+        # the images the row format would encode and the prefix-shared forwards did
+        self._prefixshare_token_counts = {"rows": 0, "shared": 0, "empty_rows": 0, "row_images": 0, "shared_images": 0}
         self._prefixshare_prepare_patching(prefixshare_backend)
 
         super().__init__(*bound.args[1:], **bound.kwargs)
 
-        if getattr(self, "_is_vlm", False):
-            raise ValueError(f"{name} does not support vision-language models")
+        _refuse_liger(name, self.args)
+        if dataset_has_images(arguments.get("train_dataset")) or dataset_has_images(arguments.get("eval_dataset")):
+            check_images_supported(self.model, name)  # before any step: the model must place images by 3D positions
         self._prefixshare_patch_trainer_models()  # after TRL's __init__: its checks come first
         # GRPO's entropy bonus (entropy_coef != 0 or use_adaptive_entropy) back-propagates through the per-token
         # entropies: the policy's forward then returns them with their graph. Read from the config too, so that
@@ -155,12 +202,7 @@ class _PrefixShareRL(PrefixSharePatching):
         ``router_aux_loss_coef != 0``): the load-balancing loss with TRL's count of tokens (each prompt token once
         per row that holds it, prompts of fully masked groups included), hence TRL's value.
         """
-        given = sorted(k for k, v in multimodal.items() if v is not None)
-        unknown = sorted(set(multimodal) - set(_MULTIMODAL))
-        if given or unknown:
-            raise ValueError(
-                f"{type(self).__name__} does not support vision-language inputs ({', '.join(given + unknown)})"
-            )
+        images = _row_images(type(self).__name__, input_ids.shape[0], multimodal)
         if compute_aux_loss and batch_size is not None and batch_size < input_ids.shape[0]:
             # TRL averages one loss per chunk of batch_size rows, a value of which chunk each row is in
             raise ValueError(
@@ -183,11 +225,15 @@ class _PrefixShareRL(PrefixSharePatching):
             max_tokens_per_row=self._prefixshare_max_tokens_per_row,
             max_completions_per_forward=batch_size,
             keep_empty_groups=compute_aux_loss,
+            images=images,
         )
         counts = self._prefixshare_token_counts
         counts["rows"] += int(attention_mask.sum())
         counts["shared"] += groups.num_tokens
         counts["empty_rows"] += int((groups.completion_lengths == 0).sum())
+        if images is not None:
+            counts["row_images"] += sum(im["image_grid_thw"].shape[0] for im in images if im is not None)
+            counts["shared_images"] += sum(len(b.get("image_grid_thw", ())) for b in groups.batches)
         self._prefixshare_ensure_patched(model)
         stats = ("entropy",) if compute_entropy else ()
         entropy_grad = compute_entropy and self._prefixshare_entropy_grad and torch.is_grad_enabled()
