@@ -22,6 +22,9 @@ What is overridden (TRL 1.x, verified with 1.16):
 * ``compute_ref_log_probs``: the reference forward used by ``precompute_ref_log_probs=True``;
 * ``prediction_step``: with ``compute_metrics`` (deprecated in TRL), the same ``EvalPrediction`` as TRL: the logits
   of an extra forward on the paired rows, and those rows as labels.
+* for datasets with images (a processor as ``processing_class``, a model with Qwen2-VL-style 3D positions):
+  :class:`PrefixShareDPOVisionCollator` instead of ``DataCollatorForVisionPreference``, each pair's prompt and
+  images processed once.
 
 Everything else (model loading, PEFT wrapping, the reference model or disabled adapters, dataset
 preparation, precomputation, logging, evaluation, saving) is TRL's code.
@@ -438,8 +441,7 @@ class PrefixShareDPOTrainer(PrefixSharePatching, DPOTrainer):
 
     Raises:
         ValueError: an option prefix sharing does not cover (``use_liger_kernel``, ``torch_compile``,
-            ``include_for_metrics=['inputs']``, a data collator of another kind, vision-language
-            models, prompt-learning PEFT, tensor/context/sequence parallelism, ``accelerator_config.dispatch_batches=
+            ``include_for_metrics=['inputs']``, a data collator of another kind, prompt-learning PEFT, tensor/context/sequence parallelism, ``accelerator_config.dispatch_batches=
             True``), or one trl.DPOTrainer accepts but fails on mid-training (``use_weighting`` with ``sft``,
             ``label_smoothing`` out of a loss's range). See docs/trl.md.
         prefixshare.UnsupportedModelError: an architecture :func:`prefixshare.patch` does not support.

@@ -30,6 +30,10 @@ Extra keyword arguments:
 TRL's ``batch_size`` chunking of the no-grad forwards (old policy, reference) is kept as a bound: each forward
 holds at most ``per_device_train_batch_size`` completions.
 
+Vision-language models (a processor as ``processing_class``) with Qwen2-VL-style 3D positions train on data with
+images: the rows' images go to :func:`prefixshare.group_completions`, which groups rows by prompt tokens and
+images, each group's images encoded once (docs/trl.md, "Images").
+
 Options whose forward is not this one raise ``ValueError`` in ``__init__``: see :func:`_check_config`.
 """
 
@@ -258,9 +262,10 @@ class PrefixShareGRPOTrainer(_PrefixShareRL, GRPOTrainer):
     ``prefixshare_backend`` and ``prefixshare_max_tokens_per_row`` (see the module docstring).
 
     Raises:
-        ValueError: ``use_liger_kernel``, ``torch_compile``, vision-language models, prompt-learning PEFT,
-            tensor/context/sequence parallelism.
-        prefixshare.UnsupportedModelError: an architecture :func:`prefixshare.patch` does not support.
+        ValueError: ``use_liger_kernel``, ``torch_compile``, prompt-learning PEFT, tensor/context/sequence
+            parallelism; images of another form than Qwen2-VL's (``pixel_values`` with ``image_grid_thw``).
+        prefixshare.UnsupportedModelError: an architecture :func:`prefixshare.patch` does not support, or a dataset
+            with images for a model without Qwen2-VL-style 3D positions (:mod:`prefixshare.vision`).
     """
 
     _base = GRPOTrainer
@@ -273,9 +278,10 @@ class PrefixShareRLOOTrainer(_PrefixShareRL, RLOOTrainer):
     ``prefixshare_backend`` and ``prefixshare_max_tokens_per_row`` (see the module docstring).
 
     Raises:
-        ValueError: ``use_liger_kernel``, ``torch_compile``, vision-language models, prompt-learning PEFT,
-            tensor/context/sequence parallelism.
-        prefixshare.UnsupportedModelError: an architecture :func:`prefixshare.patch` does not support.
+        ValueError: ``use_liger_kernel``, ``torch_compile``, prompt-learning PEFT, tensor/context/sequence
+            parallelism; images of another form than Qwen2-VL's (``pixel_values`` with ``image_grid_thw``).
+        prefixshare.UnsupportedModelError: an architecture :func:`prefixshare.patch` does not support, or a dataset
+            with images for a model without Qwen2-VL-style 3D positions (:mod:`prefixshare.vision`).
     """
 
     _base = RLOOTrainer
