@@ -298,6 +298,21 @@ def test_unsupported_options_raise(options, message, tokenizer, tmp_path):
                                processing_class=tokenizer)  # fmt: skip
 
 
+def test_trl_error_comes_before_the_liger_refusal(tokenizer, tmp_path):
+    """Issue #21 item 3: with use_liger_kernel=True and a LoRA adapter on lm_head, TRL's own error (the adapter on
+    lm_head is never trained through its fused LM head) comes first, as with plain TRL; before, the drop-in refused
+    use_liger_kernel first. Without the adapter the drop-in's refusal still comes from the constructor."""
+    from peft import LoraConfig
+
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "lm_head"])
+    for cls in (GRPOTrainer, PrefixShareGRPOTrainer):
+        config = GRPOConfig(output_dir=str(tmp_path / cls.__name__), use_cpu=True, report_to="none",
+                            use_liger_kernel=True, per_device_train_batch_size=4, num_generations=4)  # fmt: skip
+        with pytest.raises(ValueError, match="Applying a PEFT adapter to `lm_head` is not supported"):
+            cls(model=tiny_model("llama", vocab_size=len(tokenizer)), reward_funcs=Recorder(), args=config,
+                train_dataset=datasets.Dataset.from_list(PROMPTS), processing_class=tokenizer, peft_config=lora)  # fmt: skip
+
+
 def test_prompt_learning_and_bad_budget_raise(tokenizer, tmp_path):
     from peft import PromptTuningConfig
 
